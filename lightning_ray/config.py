@@ -1,0 +1,277 @@
+"""One YAML file describes a run: typed, validated before anything starts.
+
+Every section is a pydantic model that forbids unknown keys, so a typo fails with the field path and the
+file name instead of being silently ignored. `key.sub=value` overrides are applied to the raw YAML before
+validation, so they are checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, with the file and the dotted field path in the message."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = "builtin:smollm2-135m-instruct"
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    chat_template: str | None = Field(None, description="Jinja file replacing the tokenizer's chat template.")
+    tool_parser: str | None = Field(None, description="vLLM tool-call parser name, e.g. 'hermes'.")
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)
+    max_tokens: int = Field(256, gt=0)
+
+
+class InferenceConfig(Section):
+    num_replicas: int = Field(1, gt=0)
+    num_cpus_per_replica: float = Field(1.0, gt=0)
+    num_gpus_per_replica: float = Field(0.0, ge=0)
+    tensor_parallel_size: int = Field(1, gt=0)
+    max_model_len: int = Field(2048, gt=0)
+    max_num_seqs: int = Field(64, gt=0)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    enforce_eager: bool = True
+    engine_threads: int = Field(1, gt=0, description="Compute threads of a CPU engine.")
+    seed: int = 0
+    sampling: SamplingConfig = SamplingConfig()
+
+    @model_validator(mode="after")
+    def _tp_needs_gpus(self) -> InferenceConfig:
+        if self.tensor_parallel_size > 1 and self.num_gpus_per_replica < self.tensor_parallel_size:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} needs num_gpus_per_replica >= "
+                f"{self.tensor_parallel_size}, got {self.num_gpus_per_replica}"
+            )
+        return self
+
+
+class GatewayConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535, description="0 picks a free port.")
+    auth_token: str | None = Field(None, description="Required when host is not loopback.")
+    max_request_bytes: int = Field(4 * 1024 * 1024, gt=0)
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> GatewayConfig:
+        if not is_loopback(self.host) and not self.auth_token:
+            raise ValueError(f"host={self.host!r} is not loopback: set gateway.auth_token")
+        return self
+
+
+class RolloutConfig(Section):
+    agent: str = Field("examples.calc.agent:calc_agent", description="module:function or module:Class")
+    num_workers: int = Field(2, gt=0)
+    num_cpus_per_worker: float = Field(0.25, gt=0)
+    concurrency: int = Field(8, gt=0, description="Concurrent rollouts per worker.")
+    timeout_s: float = Field(120.0, gt=0)
+    lease_timeout_s: float = Field(300.0, gt=0)
+    max_attempts: int = Field(2, gt=0)
+    max_failure_rate: float = Field(0.5, ge=0, le=1, description="Stop the run above this failure rate.")
+    train_agents: list[str] | None = Field(None, description="Agent roles whose calls are trained; all if unset.")
+
+
+class DataConfig(Section):
+    train: str = "examples/calc/data/train.jsonl"
+    val: str | None = "examples/calc/data/val.jsonl"
+    shuffle: bool = True
+    seed: int = 0
+
+
+class LoraConfig(Section):
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class LearnerConfig(Section):
+    num_workers: int = Field(1, gt=0)
+    num_cpus_per_worker: float = Field(1.0, gt=0)
+    num_gpus_per_worker: float = Field(0.0, ge=0)
+    zero_stage: int = Field(0, ge=0, le=3)
+    precision: Literal["float32", "bfloat16"] = "float32"
+    micro_batch_size: int = Field(4, gt=0)
+    gradient_accumulation_steps: int | None = Field(None, gt=0, description="Unset: the whole batch per step.")
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    offload: bool = False
+    lora: LoraConfig | None = None
+    torch_threads: int = Field(1, gt=0)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class AlgorithmConfig(Section):
+    name: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = "grpo"
+    group_size: int = Field(4, gt=0)
+    norm_std: bool = True
+    length_norm: Literal["token", "sequence", "constant"] = "token"
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.2, ge=0)
+    kl_coef: float = Field(0.0, ge=0)
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    drop_zero_variance: bool = True
+    old_logprobs: Literal["recompute", "rollout"] = "recompute"
+    tis_cap: float = Field(2.0, gt=0, description="Truncated importance sampling cap when old_logprobs=rollout.")
+    merge_prefix_turns: bool = False
+
+
+class TrainerConfig(Section):
+    name: str = "run"
+    run_dir: str = "runs"
+    steps: int = Field(10, gt=0)
+    tasks_per_step: int = Field(4, gt=0)
+    val_every: int = Field(0, ge=0, description="0 disables validation.")
+    val_limit: int | None = Field(None, gt=0)
+    checkpoint_every: int = Field(0, ge=0, description="0: only at the end.")
+    seed: int = 0
+
+
+class LoggingConfig(Section):
+    wandb: bool = False
+    wandb_project: str = "lightning-ray"
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    report: bool = True
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="Unset: join RAY_ADDRESS or start a local cluster.")
+    num_cpus: float | None = Field(None, gt=0, description="Logical CPUs of a local cluster.")
+    namespace: str = "lightning-ray"
+
+
+class Config(Section):
+    model: ModelConfig = ModelConfig()
+    inference: InferenceConfig = InferenceConfig()
+    gateway: GatewayConfig = GatewayConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    data: DataConfig = DataConfig()
+    learner: LearnerConfig = LearnerConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    logging: LoggingConfig = LoggingConfig()
+    ray: RayConfig = RayConfig()
+    source: str | None = Field(None, exclude=True, description="File the config was read from.")
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (so `3`, `true`, `[a]` work)."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected key.sub=value")
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def _format_errors(err: ValidationError, where: str) -> str:
+    lines = [f"invalid config {where}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def _check_files(cfg: Config, base: Path) -> None:
+    """Data and template files must exist before a run starts; paths are resolved against the config's dir."""
+    checks = [("data.train", cfg.data.train), ("data.val", cfg.data.val), ("model.chat_template", cfg.model.chat_template)]
+    if not cfg.model.path.startswith("builtin:"):
+        checks.append(("model.path", cfg.model.path))
+    missing = [(f, p) for f, p in checks if p is not None and not resolve_path(p, base).exists()]
+    if missing:
+        raise ConfigError(
+            f"invalid config {cfg.source or '(inline)'}:\n"
+            + "\n".join(f"  {f}: file not found: {p}" for f, p in missing)
+        )
+
+
+def resolve_path(path: str, base: Path) -> Path:
+    """A relative path is taken from the working directory if it exists there, else from the config's folder."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    return base / p
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, check_files: bool = True
+) -> Config:
+    """Read, override and validate a config. Raises ConfigError naming the file and the field."""
+    where = str(path) if path else "(defaults)"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    raw = copy.deepcopy(raw)
+    for o in overrides or []:
+        apply_override(raw, o)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, where)) from None
+    cfg.source = str(Path(path).resolve()) if path else None
+    if check_files:
+        _check_files(cfg, Path(path).resolve().parent if path else Path.cwd())
+    return cfg
+
+
+def check_resources(cfg: Config, resources: dict[str, float]) -> None:
+    """Fail before anything is deployed if the cluster cannot hold what the config asks for.
+
+    `resources` is `ray.cluster_resources()` (or the local machine's), so an impossible request is an error
+    with the field name, not a placement that waits forever.
+    """
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    problems = []
+    inf, lrn, ro = cfg.inference, cfg.learner, cfg.rollout
+    if inf.num_gpus_per_replica > gpus:
+        problems.append(f"inference.num_gpus_per_replica: {inf.num_gpus_per_replica} > {gpus:g} GPUs in the cluster")
+    if lrn.num_gpus_per_worker > gpus:
+        problems.append(f"learner.num_gpus_per_worker: {lrn.num_gpus_per_worker} > {gpus:g} GPUs in the cluster")
+    need_gpus = inf.num_replicas * inf.num_gpus_per_replica + lrn.num_workers * lrn.num_gpus_per_worker
+    if need_gpus > gpus + 1e-9:
+        problems.append(f"inference+learner ask for {need_gpus:g} GPUs, the cluster has {gpus:g}")
+    need_cpus = (
+        inf.num_replicas * inf.num_cpus_per_replica
+        + lrn.num_workers * lrn.num_cpus_per_worker
+        + ro.num_workers * ro.num_cpus_per_worker
+    )
+    if need_cpus > cpus + 1e-9:
+        problems.append(
+            f"inference+learner+rollout ask for {need_cpus:g} CPUs, the cluster has {cpus:g} "
+            "(lower num_cpus_per_* or set ray.num_cpus for a local cluster)"
+        )
+    if problems:
+        raise ConfigError(f"config {cfg.source or '(inline)'} does not fit the cluster:\n  " + "\n  ".join(problems))
