@@ -19,6 +19,10 @@ class ConfigError(ValueError):
     """A config problem, with the file and the dotted field path in the message."""
 
 
+def is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -83,7 +87,9 @@ class RolloutConfig(Section):
     lease_timeout_s: float = Field(300.0, gt=0)
     max_attempts: int = Field(2, gt=0)
     max_failure_rate: float = Field(0.5, ge=0, le=1, description="Stop the run above this failure rate.")
-    train_agents: list[str] | None = Field(None, description="Agent roles whose calls are trained; all if unset.")
+    train_agents: list[str] | None = Field(
+        None, description="Agent roles whose calls are trained; all if unset."
+    )
 
 
 class DataConfig(Section):
@@ -106,7 +112,9 @@ class LearnerConfig(Section):
     zero_stage: int = Field(0, ge=0, le=3)
     precision: Literal["float32", "bfloat16"] = "float32"
     micro_batch_size: int = Field(4, gt=0)
-    gradient_accumulation_steps: int | None = Field(None, gt=0, description="Unset: the whole batch per step.")
+    gradient_accumulation_steps: int | None = Field(
+        None, gt=0, description="Unset: the whole batch per step."
+    )
     lr: float = Field(1e-6, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -127,7 +135,9 @@ class AlgorithmConfig(Section):
     kl_estimator: Literal["k1", "k3"] = "k3"
     drop_zero_variance: bool = True
     old_logprobs: Literal["recompute", "rollout"] = "recompute"
-    tis_cap: float = Field(2.0, gt=0, description="Truncated importance sampling cap when old_logprobs=rollout.")
+    tis_cap: float = Field(
+        2.0, gt=0, description="Truncated importance sampling cap when old_logprobs=rollout."
+    )
     merge_prefix_turns: bool = False
 
 
@@ -169,10 +179,6 @@ class Config(Section):
     source: str | None = Field(None, exclude=True, description="File the config was read from.")
 
 
-def is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
-
-
 def apply_override(raw: dict[str, Any], override: str) -> None:
     """Apply one `a.b.c=value` override in place; the value is parsed as YAML (so `3`, `true`, `[a]` work)."""
     key, sep, value = override.partition("=")
@@ -199,7 +205,11 @@ def _format_errors(err: ValidationError, where: str) -> str:
 
 def _check_files(cfg: Config, base: Path) -> None:
     """Data and template files must exist before a run starts; paths are resolved against the config's dir."""
-    checks = [("data.train", cfg.data.train), ("data.val", cfg.data.val), ("model.chat_template", cfg.model.chat_template)]
+    checks = [
+        ("data.train", cfg.data.train),
+        ("data.val", cfg.data.val),
+        ("model.chat_template", cfg.model.chat_template),
+    ]
     if not cfg.model.path.startswith("builtin:"):
         checks.append(("model.path", cfg.model.path))
     missing = [(f, p) for f, p in checks if p is not None and not resolve_path(p, base).exists()]
@@ -257,9 +267,13 @@ def check_resources(cfg: Config, resources: dict[str, float]) -> None:
     problems = []
     inf, lrn, ro = cfg.inference, cfg.learner, cfg.rollout
     if inf.num_gpus_per_replica > gpus:
-        problems.append(f"inference.num_gpus_per_replica: {inf.num_gpus_per_replica} > {gpus:g} GPUs in the cluster")
+        problems.append(
+            f"inference.num_gpus_per_replica: {inf.num_gpus_per_replica} > {gpus:g} GPUs in the cluster"
+        )
     if lrn.num_gpus_per_worker > gpus:
-        problems.append(f"learner.num_gpus_per_worker: {lrn.num_gpus_per_worker} > {gpus:g} GPUs in the cluster")
+        problems.append(
+            f"learner.num_gpus_per_worker: {lrn.num_gpus_per_worker} > {gpus:g} GPUs in the cluster"
+        )
     need_gpus = inf.num_replicas * inf.num_gpus_per_replica + lrn.num_workers * lrn.num_gpus_per_worker
     if need_gpus > gpus + 1e-9:
         problems.append(f"inference+learner ask for {need_gpus:g} GPUs, the cluster has {gpus:g}")
@@ -274,4 +288,6 @@ def check_resources(cfg: Config, resources: dict[str, float]) -> None:
             "(lower num_cpus_per_* or set ray.num_cpus for a local cluster)"
         )
     if problems:
-        raise ConfigError(f"config {cfg.source or '(inline)'} does not fit the cluster:\n  " + "\n  ".join(problems))
+        raise ConfigError(
+            f"config {cfg.source or '(inline)'} does not fit the cluster:\n  " + "\n  ".join(problems)
+        )
