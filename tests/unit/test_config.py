@@ -1,0 +1,114 @@
+"""Config validation: every bad input names the file and the field, before anything starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_ray.config import ConfigError, check_resources, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_sections(tmp_path):
+    cfg = load_config(write(tmp_path, "trainer: {steps: 3}\n"), check_files=False)
+    assert cfg.trainer.steps == 3
+    assert cfg.inference.sampling.temperature == 1.0
+    assert cfg.gateway.host == "127.0.0.1"
+
+
+def test_unknown_key_names_field_and_file(tmp_path):
+    path = write(tmp_path, "inference:\n  num_replica: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, check_files=False)
+    assert "inference.num_replica: unknown field" in str(e.value)
+    assert str(path) in str(e.value)
+
+
+def test_wrong_type_and_impossible_value(tmp_path):
+    path = write(tmp_path, "learner: {zero_stage: 5}\ninference: {max_model_len: many}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, check_files=False)
+    msg = str(e.value)
+    assert "learner.zero_stage" in msg and "inference.max_model_len" in msg
+
+
+def test_missing_data_file_is_named(tmp_path):
+    path = write(tmp_path, "data: {train: nowhere.jsonl, val: null}\n")
+    with pytest.raises(ConfigError, match=r"data.train: file not found: nowhere.jsonl"):
+        load_config(path)
+
+
+def test_relative_paths_resolve_from_the_config_folder(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"question": "1+1", "answer": 2}\n')
+    cfg = load_config(write(tmp_path, "data: {train: train.jsonl, val: null}\n"))
+    assert cfg.data.train == "train.jsonl"
+
+
+def test_overrides_are_validated_like_the_file(tmp_path):
+    path = write(tmp_path, "trainer: {steps: 3}\n")
+    cfg = load_config(path, ["trainer.steps=7", "inference.sampling.temperature=0.5"], check_files=False)
+    assert cfg.trainer.steps == 7 and cfg.inference.sampling.temperature == 0.5
+    with pytest.raises(ConfigError, match="trainer.steps"):
+        load_config(path, ["trainer.steps=-1"], check_files=False)
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        load_config(path, ["trainer.steps"], check_files=False)
+
+
+def test_non_loopback_gateway_needs_a_token(tmp_path):
+    with pytest.raises(ConfigError, match="gateway.auth_token"):
+        load_config(write(tmp_path, "gateway: {host: 0.0.0.0}\n"), check_files=False)
+    cfg = load_config(write(tmp_path, "gateway: {host: 0.0.0.0, auth_token: s3cret}\n"), check_files=False)
+    assert cfg.gateway.auth_token == "s3cret"
+
+
+def test_more_gpus_than_the_cluster_fails_before_start(tmp_path):
+    cfg = load_config(write(tmp_path, "inference: {num_gpus_per_replica: 2}\n"), check_files=False)
+    with pytest.raises(ConfigError, match="inference.num_gpus_per_replica: 2.0 > 1 GPUs"):
+        check_resources(cfg, {"CPU": 16, "GPU": 1})
+    cfg = load_config(
+        write(tmp_path, "rollout: {num_workers: 40, num_cpus_per_worker: 1}\n"), check_files=False
+    )
+    with pytest.raises(ConfigError, match="ask for 42 CPUs, the cluster has 8"):
+        check_resources(cfg, {"CPU": 8})
+
+
+def test_tensor_parallel_needs_gpus(tmp_path):
+    with pytest.raises(ConfigError, match="tensor_parallel_size=2 needs num_gpus_per_replica"):
+        load_config(write(tmp_path, "inference: {tensor_parallel_size: 2}\n"), check_files=False)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "trainer: [unclosed\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_cli_check_exit_codes(tmp_path):
+    good = write(tmp_path, "data: {train: null}\n".replace("null", str(tmp_path / "run.yaml")))
+    run = subprocess.run(
+        [sys.executable, "-m", "lightning_ray.cli", "check", str(good), "data.val=null", "ray.num_cpus=4"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "ok" in run.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "lightning_ray.cli", "check", str(good), "learner.lr=zero"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert bad.returncode == 2
+    assert "learner.lr" in bad.stderr
