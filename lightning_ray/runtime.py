@@ -26,7 +26,7 @@ def local_resources(cfg: Config) -> dict[str, float]:
 
 def init_ray(cfg: Config) -> dict[str, float]:
     """Join the cluster named by `ray.address` / RAY_ADDRESS (a submitted job has it set), else start a local
-    one with the project on the workers' path. Then fail fast if the config cannot fit the cluster."""
+    one on loopback with the project on the workers' path. Then fail fast if the config cannot fit the cluster."""
     if not ray.is_initialized():
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
         if address:
@@ -36,6 +36,7 @@ def init_ray(cfg: Config) -> dict[str, float]:
                 num_cpus=cfg.ray.num_cpus,
                 namespace=cfg.ray.namespace,
                 include_dashboard=None,
+                _node_ip_address="127.0.0.1",
                 runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}},
             )
     resources = ray.cluster_resources()

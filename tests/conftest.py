@@ -28,7 +28,13 @@ def ray_cluster():
     """A local Ray cluster with more logical CPUs than cores, so fractional actors never wait forever."""
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, namespace="lightning-ray-tests", log_to_driver=False)
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        namespace="lightning-ray-tests",
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )
     yield ray
     from ray import serve
 

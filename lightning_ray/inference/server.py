@@ -102,6 +102,8 @@ class InferenceServer:
     def _check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
             raise ValueError("empty prompt")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt_ids):
+            raise TypeError("prompt_ids must be a list of int token ids")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len} (context_length_exceeded)"
