@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import ray
+import yaml
 
 from lightning_ray.config import Config, check_resources
 
@@ -48,3 +50,13 @@ def _pythonpath() -> str:
     """Workers of a local cluster import the agent module (`examples.calc.agent`) from the driver's cwd."""
     parts = [os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     return os.pathsep.join(dict.fromkeys(parts))
+
+
+def new_run_dir(cfg: Config, kind: str) -> Path:
+    """runs/<name>/<kind>-<timestamp>/ with the resolved config beside the outputs."""
+    import time
+
+    path = Path(cfg.trainer.run_dir) / cfg.trainer.name / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    return path

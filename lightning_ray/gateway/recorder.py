@@ -1,0 +1,96 @@
+"""Per-rollout trace: the transitions recorded so far and what later calls may splice onto.
+
+Thread-safe, so the owner of a gateway may open and close rollouts from another thread than the one the
+gateway's event loop runs on. `call_index` is the order in which valid calls of a rollout reached the engine; a
+call that did not finish (engine error, client gone, rollout closed first) leaves a gap and records nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+
+from lightning_ray.data.schema import Transition
+from lightning_ray.gateway.render import PriorCall
+
+ROLLOUT_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+class UnknownRollout(KeyError):
+    """The rollout id was never opened, or is already closed."""
+
+    def __init__(self, rollout_id: str):
+        super().__init__(rollout_id)
+        self.rollout_id = rollout_id
+
+
+@dataclass
+class _Trace:
+    next_index: int = 0
+    transitions: list[Transition] = field(default_factory=list)
+    history: list[PriorCall] = field(default_factory=list)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self._traces: dict[str, _Trace] = {}
+        self._lock = threading.Lock()
+
+    def open(self, rollout_id: str) -> None:
+        if not ROLLOUT_ID.match(rollout_id):
+            raise ValueError(f"invalid rollout id {rollout_id[:40]!r}: use 1-128 characters of [A-Za-z0-9_-]")
+        with self._lock:
+            if rollout_id in self._traces:
+                raise ValueError(f"rollout {rollout_id!r} is already open")
+            self._traces[rollout_id] = _Trace()
+
+    def close(self, rollout_id: str) -> list[Transition]:
+        """Forget the rollout and return its transitions in call order."""
+        with self._lock:
+            trace = self._traces.pop(rollout_id, None)
+        if trace is None:
+            raise UnknownRollout(rollout_id)
+        return sorted(trace.transitions, key=lambda t: t.call_index)
+
+    def transitions(self, rollout_id: str) -> list[Transition]:
+        with self._lock:
+            trace = self._get(rollout_id)
+            return sorted(trace.transitions, key=lambda t: t.call_index)
+
+    def is_open(self, rollout_id: str) -> bool:
+        with self._lock:
+            return rollout_id in self._traces
+
+    def open_rollouts(self) -> list[str]:
+        with self._lock:
+            return list(self._traces)
+
+    def history(self, rollout_id: str) -> list[PriorCall]:
+        """The finished calls of the rollout that a new prompt may splice onto."""
+        with self._lock:
+            return list(self._get(rollout_id).history)
+
+    def reserve(self, rollout_id: str) -> int:
+        """The next call index of the rollout (arrival order)."""
+        with self._lock:
+            trace = self._get(rollout_id)
+            trace.next_index += 1
+            return trace.next_index - 1
+
+    def record(self, rollout_id: str, transition: Transition, prior: PriorCall | None) -> bool:
+        """Store a finished call; False if the rollout was closed meanwhile (the call is then dropped)."""
+        with self._lock:
+            trace = self._traces.get(rollout_id)
+            if trace is None:
+                return False
+            trace.transitions.append(transition)
+            if prior is not None:
+                trace.history.append(prior)
+            return True
+
+    def _get(self, rollout_id: str) -> _Trace:
+        trace = self._traces.get(rollout_id)
+        if trace is None:
+            raise UnknownRollout(rollout_id)
+        return trace

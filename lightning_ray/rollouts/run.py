@@ -1,0 +1,56 @@
+"""`lightning-ray rollout CONFIG`: the dataset (or `--limit N` tasks) through the agent once, summarised."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ray
+
+from lightning_ray.config import Config
+from lightning_ray.data.trajectories import write_parquet
+from lightning_ray.inference.server import deploy_inference
+from lightning_ray.models import resolve_model
+from lightning_ray.monitor.metrics import record_batch_metrics
+from lightning_ray.rollouts.collect import collect_batch
+from lightning_ray.rollouts.worker import start_rollout_workers
+from lightning_ray.runtime import init_ray, new_run_dir
+from lightning_ray.tasks.actor import task_pool_from_config
+
+
+def start_rollout_stack(cfg: Config, split: str = "train") -> tuple[Any, Any, list[Any]]:
+    """Inference replicas, the split's TaskPool and the rollout workers, in that order; returns them."""
+    inference = deploy_inference(resolve_model(cfg.model.path), cfg.model, cfg.inference)
+    pool = task_pool_from_config(cfg, split=split)
+    workers = start_rollout_workers(cfg, pool)
+    return inference, pool, workers
+
+
+def run_rollout(cfg: Config, limit: int | None = None, split: str = "train") -> dict[str, Any]:
+    init_ray(cfg)
+    run_dir = new_run_dir(cfg, "rollout")
+    _, pool, workers = start_rollout_stack(cfg, split)
+    num_tasks = limit or ray.get(pool.num_tasks.remote())
+    batch = collect_batch(pool, workers, num_tasks, desc=f"rollout {split}")
+    record_batch_metrics(batch.summary, run=cfg.trainer.name)
+    write_parquet(batch.transitions, run_dir, "rollout-transitions")
+    write_parquet(batch.rollouts, run_dir, "rollout-rollouts")
+    summary = {
+        **batch.summary.to_dict(),
+        "tasks": num_tasks,
+        "llm_calls": batch.transitions.num_rows,
+        "seconds": round(batch.seconds, 2),
+        "rollouts_per_s": round(batch.summary.num_rollouts / batch.seconds, 3),
+        "run_dir": str(run_dir),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    s = batch.summary
+    reward = "n/a" if s.reward_mean is None else f"{s.reward_mean:.3f} ± {s.reward_std:.3f}"
+    print(
+        f"{s.num_rollouts} rollouts of {num_tasks} tasks in {batch.seconds:.1f}s: success {s.success_rate:.1%}, "
+        f"reward {reward}, {batch.transitions.num_rows} LLM calls"
+    )
+    if s.num_succeeded < s.num_rollouts:
+        print(s.diagnosis())
+    print(f"trajectories and summary.json in {run_dir}")
+    return summary

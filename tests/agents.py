@@ -1,0 +1,62 @@
+"""Agents used by the integration tests. Each task's `mode` picks an ending, so one batch covers every kind."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+
+import openai
+
+import lightning_ray as lr
+
+log = logging.getLogger("scripted_agent")
+
+
+async def _ask(llm: lr.LLM, text: str) -> str:
+    client = openai.AsyncOpenAI(base_url=llm.base_url, api_key=llm.api_key, max_retries=0)
+    reply = await client.chat.completions.create(
+        model=llm.model, messages=[{"role": "user", "content": text}], **llm.sampling_kwargs()
+    )
+    return reply.choices[0].message.content or ""
+
+
+@lr.rollout
+async def scripted_agent(task: dict, llm: lr.LLM) -> float | None:
+    mode = task["mode"]
+    await _ask(llm, task["question"])
+    print(f"asked {task['question']}")
+    log.warning("mode is %s", mode)
+    if mode == "raise":
+        raise ValueError(f"bad input {task['id']}")
+    if mode == "sleep":
+        await asyncio.sleep(60)
+    if mode == "none":
+        return None
+    if mode == "emit":
+        lr.emit_reward(0.25, format=1.0)
+        await _ask(llm, "and again?")
+        thread = threading.Thread(target=lr.emit_reward, args=(0.5,), kwargs={"correct": 1.0})
+        thread.start()
+        thread.join()
+        print("emitted from a thread", file=sys.stderr)
+        return None
+    return float(len(task["question"]) % 2)
+
+
+@lr.rollout
+def sync_agent(task: dict, llm: lr.LLM) -> float:
+    client = openai.OpenAI(base_url=llm.base_url, api_key=llm.api_key, max_retries=0)
+    reply = client.chat.completions.create(
+        model=llm.model, messages=[{"role": "user", "content": task["question"]}], **llm.sampling_kwargs()
+    )
+    print("sync agent got", len(reply.choices[0].message.content or ""), "chars")
+    return 1.0
+
+
+@lr.rollout
+async def slow_agent(task: dict, llm: lr.LLM) -> float:
+    await _ask(llm, task["question"])
+    await asyncio.sleep(1.0)
+    return 1.0

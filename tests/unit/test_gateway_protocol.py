@@ -1,0 +1,143 @@
+"""Request validation (errors name the field), role resolution and the per-rollout recorder."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from lightning_ray.data.schema import Transition
+from lightning_ray.gateway.calls import DEFAULT_ROLE, resolve_role
+from lightning_ray.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GatewayError,
+    validation_error,
+)
+from lightning_ray.gateway.recorder import Recorder, UnknownRollout
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def error_of(model, body: dict) -> GatewayError:
+    with pytest.raises(ValidationError) as info:
+        model.model_validate(body)
+    return validation_error(info.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({}, "messages", "missing required field"),
+        ({"messages": []}, "messages", "at least 1"),
+        ({"messages": "hi"}, "messages", "valid list"),
+        ({"messages": [{"content": "hi"}]}, "messages.0.role", "missing"),
+        ({"messages": [{"role": "user", "content": 3}]}, "messages.0.content", "string"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages.0.content",
+            "text content",
+        ),
+        ({"messages": USER, "n": 2}, "n", "n=1"),
+        ({"messages": USER, "temperature": "hot"}, "temperature", "number"),
+        ({"messages": USER, "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+        ({"messages": USER, "stream": "yes please"}, "stream", "boolean"),
+    ],
+)
+def test_chat_errors_name_the_field(body, param, words):
+    err = error_of(ChatCompletionRequest, body)
+    assert err.status == 400
+    assert err.param == param
+    assert words in err.message
+    assert err.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_openai_parameters_pass():
+    req = ChatCompletionRequest.model_validate(
+        {"messages": USER, "presence_penalty": 0.5, "user": "x", "response_format": {"type": "text"}}
+    )
+    assert req.messages[0].to_template() == {"role": "user", "content": "hi"}
+
+
+def test_message_content_parts_and_extra_fields_reach_the_template():
+    msg = ChatCompletionRequest.model_validate(
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "name": "ann",
+                    "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                }
+            ]
+        }
+    ).messages[0]
+    assert msg.to_template() == {"role": "user", "name": "ann", "content": "a\nb"}
+    assert ChatCompletionRequest.model_validate({"messages": [{"role": "assistant"}]}).messages[
+        0
+    ].to_template() == {
+        "role": "assistant",
+        "content": "",
+    }
+
+
+def test_sampling_helpers():
+    req = ChatCompletionRequest.model_validate({"messages": USER, "stop": "\n", "max_completion_tokens": 7})
+    assert req.stop_list() == ["\n"]
+    assert req.requested_max_tokens() == 7
+    assert not req.include_usage()
+    req = ChatCompletionRequest.model_validate({"messages": USER, "stream_options": {"include_usage": True}})
+    assert req.include_usage() and req.stop_list() is None
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"), [("abc", "abc"), ([5, 6], [5, 6]), (["abc"], "abc"), ([[5]], [5])]
+)
+def test_completion_prompt_forms(prompt, expected):
+    assert CompletionRequest.model_validate({"prompt": prompt}).single_prompt() == expected
+
+
+@pytest.mark.parametrize(("prompt", "words"), [(["a", "b"], "batch"), ("", "empty"), ([], "empty")])
+def test_completion_prompt_errors(prompt, words):
+    with pytest.raises(GatewayError, match=words) as info:
+        CompletionRequest.model_validate({"prompt": prompt}).single_prompt()
+    assert info.value.param == "prompt"
+
+
+@pytest.mark.parametrize(("field", "value"), [("echo", True), ("best_of", 3), ("suffix", "x"), ("n", 4)])
+def test_completion_options_that_would_break_the_trace(field, value):
+    assert error_of(CompletionRequest, {"prompt": "x", field: value}).param == field
+
+
+def test_role_from_route_then_model_then_default():
+    assert resolve_role("solver", "checker", "smol") == "solver"
+    assert resolve_role(None, "checker", "smol") == "checker"
+    assert resolve_role(None, "smol", "smol") == DEFAULT_ROLE
+    assert resolve_role(None, None, "smol") == DEFAULT_ROLE
+    with pytest.raises(GatewayError):
+        resolve_role("bad role!", None, "smol")
+
+
+def transition(index: int) -> Transition:
+    return Transition(index, "default", [1], [2], [-0.1], 0, "stop", 0.1, "x")
+
+
+def test_recorder_orders_calls_and_forgets_closed_rollouts():
+    rec = Recorder()
+    rec.open("r1")
+    with pytest.raises(ValueError, match="already open"):
+        rec.open("r1")
+    first, second = rec.reserve("r1"), rec.reserve("r1")
+    assert rec.record("r1", transition(second), None)
+    assert rec.record("r1", transition(first), None)
+    assert [t.call_index for t in rec.transitions("r1")] == [0, 1]
+    assert [t.call_index for t in rec.close("r1")] == [0, 1]
+    assert not rec.is_open("r1")
+    assert not rec.record("r1", transition(2), None)  # a call that outlived its rollout is dropped
+    for call in (rec.close, rec.transitions, rec.history, rec.reserve):
+        with pytest.raises(UnknownRollout):
+            call("r1")
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "a b", "x" * 129, "../etc"])
+def test_recorder_rejects_ids_that_are_not_url_safe(bad):
+    with pytest.raises(ValueError, match="invalid rollout id"):
+        Recorder().open(bad)
