@@ -43,9 +43,20 @@ def cmd_check(cfg: Config) -> None:
 
 
 def cmd_serve(cfg: Config) -> None:
-    from lightning_ray.gateway.standalone import serve_forever
+    """Deploy the inference replicas, then run the gateway in front of them until Ctrl-C."""
+    from lightning_ray.gateway.standalone import serve_gateway
+    from lightning_ray.inference.server import deploy_inference
+    from lightning_ray.models import resolve_model
+    from lightning_ray.runtime import init_ray
 
-    asyncio.run(serve_forever(cfg))
+    init_ray(cfg)
+    handle = deploy_inference(resolve_model(cfg.model.path), cfg.model, cfg.inference)
+    try:
+        asyncio.run(serve_gateway(cfg, handle=handle))
+    finally:
+        from ray import serve
+
+        serve.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve":
             cmd_serve(cfg)
         elif args.command == "rollout":
-            from lightning_ray.rollout.run import run_rollout
+            from lightning_ray.rollouts.run import run_rollout
 
             run_rollout(cfg, limit=args.limit, split=args.split)
         elif args.command == "train":
