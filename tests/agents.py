@@ -60,3 +60,10 @@ async def slow_agent(task: dict, llm: lr.LLM) -> float:
     await _ask(llm, task["question"])
     await asyncio.sleep(1.0)
     return 1.0
+
+
+@lr.rollout
+async def varied_agent(task: dict, llm: lr.LLM) -> float:
+    """One call; a reward that differs between samples of the same task, so GRPO groups have variance."""
+    reply = await _ask(llm, task["question"])
+    return float(len(reply) % 3 == 0)

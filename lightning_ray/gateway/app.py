@@ -12,6 +12,7 @@ Errors are OpenAI-style JSON bodies. With a bearer token configured, every route
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -30,6 +31,7 @@ from lightning_ray.gateway.calls import (
     prepare_chat,
     prepare_completion,
     record,
+    reply_for,
     unknown_rollout,
 )
 from lightning_ray.gateway.engine import EngineStream
@@ -48,6 +50,7 @@ from lightning_ray.gateway.responses import (
     CompletionFormatter,
     Formatter,
 )
+from lightning_ray.gateway.tools import load_parser_class
 
 ROLLOUT = "/rollout/{rollout_id}"
 AGENT = "/rollout/{rollout_id}/agent/{role}"
@@ -79,6 +82,8 @@ def create_app(
         rollout_id, role = _route(request)
         _require_open(state, rollout_id)
         req = _validate(ChatCompletionRequest, await read_json(request, max_request_bytes))
+        if req.tools:
+            await asyncio.to_thread(load_parser_class, state.tool_parser)  # first use imports vLLM's parsers
         call = prepare_chat(state, rollout_id, role, req)
         return await _respond(
             state, call, ChatFormatter(call, state.tokenizer), req.stream, req.include_usage()
@@ -144,8 +149,11 @@ def _add_management_routes(app: FastAPI, state: GatewayState, public_url: str) -
 async def _respond(state: GatewayState, call: Call, fmt: Formatter, stream: bool, include_usage: bool):
     if not stream:
         gen = await generate(state, call)
-        text = record(state, call, gen)
-        return JSONResponse(fmt.body(gen, text), headers={POLICY_VERSION_HEADER: str(gen.policy_version)})
+        reply = reply_for(state, call, record(state, call, gen))
+        return JSONResponse(
+            fmt.body(gen, reply.content, reply.tool_calls),
+            headers={POLICY_VERSION_HEADER: str(gen.policy_version)},
+        )
     deltas = state.engine.stream(call.rollout_id, call.prompt.ids, call.sampling)
     try:
         first = await anext(deltas)  # engine errors become a status code, not a broken stream
@@ -172,6 +180,7 @@ async def _events(
 ) -> AsyncIterator[str]:
     """SSE events of one streamed call: the call is recorded before its final chunk goes out."""
     gen, decoder, done = Generation(), IncrementalDecoder(state.tokenizer), False
+    streamer = call.tools.streamer() if call.tools is not None else None
     gen.policy_version = first["policy_version"] if first is not None else -1
     try:
         for chunk in fmt.opening_chunks(gen.policy_version):
@@ -181,6 +190,8 @@ async def _events(
             gen.add(delta)
             ids = delta["response_ids"]
             text = decoder.push(ids) + (decoder.finish() if gen.finish_reason else "")
+            if streamer is not None:
+                text = streamer.push(text)
             if text or (call.logprobs and ids):
                 yield fmt.chunk(text, ids, delta["response_logprobs"], gen.policy_version)
             if gen.finish_reason:
@@ -197,9 +208,16 @@ async def _events(
                 GatewayError(502, "the inference stream ended without a finish reason").body()
             )
             return
-        record(state, call, gen)  # decoder.text == decode(response_ids): exactly what the client got
+        text = record(state, call, gen)  # == decoder.text: the same as a non-streamed call
         done = True
-        yield fmt.final_chunk(gen)
+        reply = reply_for(state, call, text)
+        if streamer is not None:
+            rest = streamer.rest(reply)
+            if rest:
+                yield fmt.chunk(rest, [], [], gen.policy_version)
+            if reply.tool_calls:
+                yield fmt.tool_calls_chunk(reply.tool_calls, gen.policy_version)
+        yield fmt.final_chunk(gen, reply.finish_reason_override)
         if include_usage:
             yield fmt.usage_chunk(gen)
         yield fmt.done()

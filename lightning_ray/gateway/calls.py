@@ -24,6 +24,14 @@ from lightning_ray.gateway.protocol import (
 )
 from lightning_ray.gateway.recorder import Recorder, UnknownRollout
 from lightning_ray.gateway.render import PriorCall, Prompt, decode, render_chat, splice_prompt
+from lightning_ray.gateway.tools import (
+    DEFAULT_TOOL_PARSER,
+    Reply,
+    ToolCallParser,
+    load_parser_class,
+    restore_generated,
+    template_for,
+)
 
 DEFAULT_ROLE = "default"
 ROLE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # same rule as `LLM.for_agent`
@@ -39,6 +47,7 @@ class GatewayState:
     served_model: str
     max_model_len: int
     chat_template: str | None = None
+    tool_parser: str = DEFAULT_TOOL_PARSER
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -53,6 +62,7 @@ class Call:
     sampling: dict[str, Any]
     call_index: int
     logprobs: bool = False
+    tools: ToolCallParser | None = None  # set when the request offers tools
     started_at: float = field(default_factory=time.time)
     t0: float = field(default_factory=time.perf_counter)
 
@@ -96,12 +106,14 @@ def resolve_role(route_role: str | None, model: str | None, served_model: str) -
 def prepare_chat(
     state: GatewayState, rollout_id: str, route_role: str | None, req: ChatCompletionRequest
 ) -> Call:
+    """Render the conversation (tool calls this gateway produced render as the model's exact text)."""
     history = _history(state, rollout_id)
+    messages = restore_generated([m.to_template() for m in req.messages], _tool_texts(state, rollout_id))
     try:
         text = render_chat(
             state.tokenizer,
-            [m.to_template() for m in req.messages],
-            chat_template=state.chat_template,
+            messages,
+            chat_template=template_for(state.tokenizer, state.chat_template, req),
             tools=req.tools,
             template_kwargs=req.chat_template_kwargs,
         )
@@ -110,7 +122,28 @@ def prepare_chat(
             400, f"the chat template failed on these messages: {err}", param="messages"
         ) from err
     prompt = splice_prompt(state.tokenizer, text, history)
-    return _call(state, rollout_id, route_role, req, "chat", prompt, bool(req.logprobs))
+    call = _call(state, rollout_id, route_role, req, "chat", prompt, bool(req.logprobs))
+    if req.tools:
+        call.tools = ToolCallParser(load_parser_class(state.tool_parser), state.tokenizer, req)
+    return call
+
+
+def reply_for(state: GatewayState, call: Call, text: str) -> Reply:
+    """The client's view of a finished chat call: content and parsed tool calls (remembered for the
+    round trip)."""
+    if call.tools is None:
+        return Reply(content=text)
+    reply = call.tools.parse(text)
+    if reply.tool_calls:
+        state.recorder.remember_tool_calls(call.rollout_id, [c["id"] for c in reply.tool_calls], text)
+    return reply
+
+
+def _tool_texts(state: GatewayState, rollout_id: str) -> dict[str, str]:
+    try:
+        return state.recorder.tool_texts(rollout_id)
+    except UnknownRollout:
+        raise unknown_rollout(rollout_id) from None
 
 
 def prepare_completion(

@@ -30,6 +30,7 @@ class _Trace:
     next_index: int = 0
     transitions: list[Transition] = field(default_factory=list)
     history: list[PriorCall] = field(default_factory=list)
+    tool_texts: dict[str, str] = field(default_factory=dict)  # tool call id -> the text that generated it
 
 
 class Recorder:
@@ -88,6 +89,18 @@ class Recorder:
             if prior is not None:
                 trace.history.append(prior)
             return True
+
+    def remember_tool_calls(self, rollout_id: str, call_ids: list[str], text: str) -> None:
+        """Remember which generated text the tool call ids handed to the client came from."""
+        with self._lock:
+            trace = self._traces.get(rollout_id)
+            if trace is not None:
+                trace.tool_texts.update(dict.fromkeys(call_ids, text))
+
+    def tool_texts(self, rollout_id: str) -> dict[str, str]:
+        """Tool call id -> generated text, for the rollout's calls so far."""
+        with self._lock:
+            return dict(self._get(rollout_id).tool_texts)
 
     def _get(self, rollout_id: str) -> _Trace:
         trace = self._traces.get(rollout_id)

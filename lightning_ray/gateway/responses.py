@@ -31,8 +31,16 @@ class Formatter(ABC):
         self.id = self.id_prefix + secrets.token_hex(12)
         self.created = int(time.time())
 
-    def body(self, gen: Generation, text: str) -> dict[str, Any]:
-        choice = {"index": 0, **self._content(text, final=True), "finish_reason": gen.finish_reason}
+    def body(
+        self, gen: Generation, text: str | None, tool_calls: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """The whole answer; with tool calls, `finish_reason` is "tool_calls" (the recorded one stays the
+        engine's)."""
+        content = self._content(text, final=True)
+        if tool_calls:
+            content["message"]["tool_calls"] = tool_calls
+        finish = "tool_calls" if tool_calls else gen.finish_reason
+        choice = {"index": 0, **content, "finish_reason": finish}
         choice["logprobs"] = self._logprobs(gen.response_ids, gen.response_logprobs)
         return self._envelope(self.object_name, [choice], gen.policy_version, usage=usage(self.call, gen))
 
@@ -44,8 +52,15 @@ class Formatter(ABC):
         choice["logprobs"] = self._logprobs(ids, logprobs)
         return self._sse(self._envelope(self.chunk_object_name, [choice], policy_version, usage=None))
 
-    def final_chunk(self, gen: Generation) -> str:
-        choice = {"index": 0, **self._empty_delta(), "logprobs": None, "finish_reason": gen.finish_reason}
+    def tool_calls_chunk(self, tool_calls: list[dict[str, Any]], policy_version: int) -> str:
+        """All tool calls of the answer, each whole (id, name, complete arguments) under its index."""
+        deltas = [{"index": i, **call} for i, call in enumerate(tool_calls)]
+        choice = {"index": 0, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None}
+        return self._sse(self._envelope(self.chunk_object_name, [choice], policy_version, usage=None))
+
+    def final_chunk(self, gen: Generation, finish_reason: str | None = None) -> str:
+        finish = finish_reason or gen.finish_reason
+        choice = {"index": 0, **self._empty_delta(), "logprobs": None, "finish_reason": finish}
         return self._sse(self._envelope(self.chunk_object_name, [choice], gen.policy_version, usage=None))
 
     def usage_chunk(self, gen: Generation) -> str:
@@ -77,7 +92,7 @@ class Formatter(ABC):
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     @abstractmethod
-    def _content(self, text: str, final: bool) -> dict[str, Any]: ...
+    def _content(self, text: str | None, final: bool) -> dict[str, Any]: ...
 
     @abstractmethod
     def _empty_delta(self) -> dict[str, Any]: ...
@@ -100,7 +115,7 @@ class ChatFormatter(Formatter):
         }
         return [self._sse(self._envelope(self.chunk_object_name, [choice], policy_version, usage=None))]
 
-    def _content(self, text: str, final: bool) -> dict[str, Any]:
+    def _content(self, text: str | None, final: bool) -> dict[str, Any]:
         if final:
             return {"message": {"role": "assistant", "content": text}}
         return {"delta": {"content": text}}
@@ -123,8 +138,8 @@ class CompletionFormatter(Formatter):
     chunk_object_name = "text_completion"
     id_prefix = "cmpl-"
 
-    def _content(self, text: str, final: bool) -> dict[str, Any]:
-        return {"text": text}
+    def _content(self, text: str | None, final: bool) -> dict[str, Any]:
+        return {"text": text or ""}
 
     def _empty_delta(self) -> dict[str, Any]:
         return {"text": ""}

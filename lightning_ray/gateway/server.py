@@ -32,6 +32,7 @@ from lightning_ray.gateway.calls import GatewayState
 from lightning_ray.gateway.engine import Engine
 from lightning_ray.gateway.recorder import Recorder
 from lightning_ray.gateway.render import load_chat_template, load_tokenizer
+from lightning_ray.gateway.tools import DEFAULT_TOOL_PARSER
 
 SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "max_tokens")
 
@@ -107,6 +108,7 @@ async def start_gateway(
     chat_template: str | Path | None = None,
     sampling: SamplingConfig | dict[str, Any] | None = None,
     manage_rollouts: bool = False,
+    tool_parser: str | None = None,
 ) -> Gateway:
     """Start a gateway in the running event loop; returns once it accepts connections.
 
@@ -117,8 +119,12 @@ async def start_gateway(
     chat_template: a Jinja file replacing the tokenizer's template (overrides the config's).
     sampling: defaults for temperature/top_p/top_k/max_tokens where a request leaves them out.
     manage_rollouts: also serve `POST /rollouts`, `GET|DELETE /rollouts/{id}` (standalone `serve`).
+    tool_parser: vLLM tool-call parser for requests with tools (overrides `model.tool_parser`; default
+        "hermes", see `tools.py`).
     """
     gw_cfg, sampling, chat_template = _settings(config, sampling, chat_template)
+    if tool_parser is None and isinstance(config, Config):
+        tool_parser = config.model.tool_parser
     if not is_loopback(gw_cfg.host) and not gw_cfg.auth_token:
         raise ValueError(f"gateway.host={gw_cfg.host!r} is not loopback: set gateway.auth_token")
     engine = Engine(handle)
@@ -133,6 +139,7 @@ async def start_gateway(
         served_model=info["model"],
         max_model_len=int(info["max_model_len"]),
         chat_template=load_chat_template(chat_template),
+        tool_parser=tool_parser or DEFAULT_TOOL_PARSER,
         sampling_defaults=_sampling_defaults(sampling),
     )
     sock = _bind(gw_cfg.host, gw_cfg.port)

@@ -32,6 +32,7 @@ def collect_batch(
     group_size: int | None = None,
     desc: str = "rollouts",
     progress: bool = True,
+    sampling: dict[str, Any] | None = None,
 ) -> Batch:
     """Start a batch of `num_tasks` tasks (x group size) on the pool, let every worker drain it, and return it.
 
@@ -41,7 +42,7 @@ def collect_batch(
     t0 = time.perf_counter()
     batch_id = ray.get(pool.start_batch.remote(num_tasks, group_size))
     total = ray.get(pool.stats.remote(batch_id))["rollouts"]
-    work = [w.work.remote(batch_id) for w in workers]
+    work = [w.work.remote(batch_id, pool, sampling) for w in workers]
     with tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True) as bar:
         pending = work
         while pending:

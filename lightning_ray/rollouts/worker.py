@@ -79,8 +79,14 @@ class RolloutWorker:
     def ping(self) -> str:
         return self.worker_id
 
-    async def work(self, batch_id: str) -> dict[str, int]:
-        """Lease and run rollouts until the batch is done; returns counts of what this worker ran."""
+    async def work(
+        self, batch_id: str, pool: Any = None, sampling: dict[str, Any] | None = None
+    ) -> dict[str, int]:
+        """Lease and run rollouts until the batch is done; returns counts of what this worker ran.
+
+        `pool` runs a batch of another TaskPool (validation); `sampling` overrides the configured sampling
+        the agents are given (e.g. `{"temperature": 0.0}` for greedy validation)."""
+        pool = pool or self.pool
         running: dict[asyncio.Task, Lease] = {}
         finished: dict[str, list[RolloutResult]] = defaultdict(list)
         counts = {"rollouts": 0, "tables": 0}
@@ -88,12 +94,12 @@ class RolloutWorker:
         renew_every = self.cfg.rollout.lease_timeout_s / 3
         while True:
             free = self.cfg.rollout.concurrency - len(running)
-            leases = await self.pool.lease.remote(self.worker_id, free) if free > 0 else []
+            leases = await pool.lease.remote(self.worker_id, free) if free > 0 else []
             for lease in leases:
                 self._held[lease.rollout_id] = lease
-                running[asyncio.create_task(self._run_one(lease))] = lease
+                running[asyncio.create_task(self._run_one(lease, sampling or {}))] = lease
             if not running:
-                if await self.pool.batch_done.remote(batch_id):
+                if await pool.batch_done.remote(batch_id):
                     return counts
                 await asyncio.sleep(POLL_S)
                 continue
@@ -108,18 +114,18 @@ class RolloutWorker:
             # A group's table goes out once this worker runs none of its rollouts any more.
             active_groups = {lease.group_id for lease in running.values()}
             for group_id in [g for g in finished if g not in active_groups]:
-                await self._report(finished.pop(group_id))
+                await self._report(pool, finished.pop(group_id))
                 counts["tables"] += 1
             if time.monotonic() - last_renew > renew_every:
                 held = [(lease.rollout_id, lease.attempt) for lease in running.values()]
-                kept = set(await self.pool.renew.remote(self.worker_id, held))
+                kept = set(await pool.renew.remote(self.worker_id, held))
                 for task, lease in running.items():
                     if lease.rollout_id not in kept:
                         task.cancel()  # revoked: someone else runs it now
                 last_renew = time.monotonic()
 
-    async def _report(self, results: list[RolloutResult]) -> None:
-        refs = await self.pool.adopt.remote(
+    async def _report(self, pool: Any, results: list[RolloutResult]) -> None:
+        refs = await pool.adopt.remote(
             {"transitions": transitions_table(results), "rollouts": rollouts_table(results)}
         )
         for r in results:
@@ -132,7 +138,7 @@ class RolloutWorker:
                     "message": r.error_message or "",
                     "traceback": r.traceback or "",
                 }
-            await self.pool.complete.remote(
+            await pool.complete.remote(
                 r.rollout_id,
                 lease.attempt,
                 r.status,
@@ -142,9 +148,9 @@ class RolloutWorker:
                 result=refs,
             )
 
-    async def _run_one(self, lease: Lease) -> RolloutResult:
+    async def _run_one(self, lease: Lease, overrides: dict[str, Any]) -> RolloutResult:
         rid = lease.rollout_id
-        sampling = self.cfg.inference.sampling
+        sampling = self.cfg.inference.sampling.model_copy(update=overrides)
         self.gateway.open_rollout(rid)
         llm = LLM.for_rollout(
             self.gateway.url,

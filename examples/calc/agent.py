@@ -1,0 +1,38 @@
+"""The calc agent: plain ``openai`` SDK, the ``<calc>`` tool protocol, strict answer reward.
+
+Run it with ``lightning-ray rollout configs/calc.yaml --limit 8``. Every LLM call goes to ``llm.base_url``,
+so lightning-ray records each turn with its token ids and log-probs; nothing here knows about training.
+"""
+
+from __future__ import annotations
+
+import openai
+
+import lightning_ray as lr
+from examples.calc.protocol import Chat, run_episode
+from examples.calc.reward import answer_reward
+
+
+def make_chat(client: openai.AsyncOpenAI, llm: lr.LLM) -> Chat:
+    """One chat-completion call per turn with the sampling settings lightning-ray hands the agent."""
+
+    async def chat(messages: list[dict[str, str]]) -> str:
+        response = await client.chat.completions.create(
+            model=llm.model,
+            messages=messages,
+            temperature=llm.temperature,
+            top_p=llm.top_p,
+            max_tokens=llm.max_tokens,
+        )
+        return response.choices[0].message.content or ""
+
+    return chat
+
+
+@lr.rollout
+async def calc_agent(task: dict, llm: lr.LLM) -> float:
+    """Solve one word problem with the calculator tool; 1.0 for the right ``<answer>``, else 0.0."""
+    client = openai.AsyncOpenAI(base_url=llm.base_url, api_key=llm.api_key)
+    async with client:
+        episode = await run_episode(task["question"], make_chat(client, llm))
+    return answer_reward(episode.final_reply, float(task["answer"]))

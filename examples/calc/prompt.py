@@ -1,0 +1,26 @@
+"""The prompt: one system rule plus one worked demo turn, in plain chat messages.
+
+SmolLM2-135M-Instruct almost never follows a bare instruction to use tags; a short rule followed by one
+complete demo exchange (question -> ``<calc>`` -> tool result -> ``<answer>``) lets it copy the pattern.
+Tool results come back as ``user`` messages: the model's chat template knows no ``tool`` role.
+"""
+
+from __future__ import annotations
+
+SYSTEM_RULE = (
+    "You solve math word problems with a calculator. "
+    "First write the calculation as <calc>expression</calc>. "
+    "You will get the result. Then write the final number as <answer>number</answer>."
+)
+
+DEMO: list[dict[str, str]] = [
+    {"role": "user", "content": "Lily has 12 boxes. Each box has 7 pens. How many pens does Lily have?"},
+    {"role": "assistant", "content": "<calc>12*7</calc>"},
+    {"role": "user", "content": "Result: 84"},
+    {"role": "assistant", "content": "<answer>84</answer>"},
+]
+
+
+def initial_messages(question: str) -> list[dict[str, str]]:
+    """The conversation the agent opens with: system rule, demo turn, then the task's question."""
+    return [{"role": "system", "content": SYSTEM_RULE}, *DEMO, {"role": "user", "content": question}]

@@ -1,0 +1,146 @@
+"""The central GRPO loop: rollouts -> advantages -> learner step -> weight broadcast -> metrics -> checkpoint.
+
+Everything heavy runs in Ray actors (inference replicas, rollout workers, the task pools, DeepSpeed
+learners); this driver only moves object refs and small dicts, so it reads top to bottom in one sitting.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import ray
+from ray import serve
+
+from lightning_ray.algorithms.advantages import compute_advantages
+from lightning_ray.config import Config
+from lightning_ray.data.trajectories import write_parquet
+from lightning_ray.inference.server import APP_NAME, broadcast_weights
+from lightning_ray.learner.group import LearnerGroup
+from lightning_ray.learner.worker import CHECKPOINT_MARKER
+from lightning_ray.models import resolve_model
+from lightning_ray.monitor.metrics import record_batch_metrics
+from lightning_ray.monitor.run_log import RunLog, step_line
+from lightning_ray.monitor.summary import check_failure_rate
+from lightning_ray.rollouts.collect import Batch, collect_batch
+from lightning_ray.rollouts.run import start_rollout_stack
+from lightning_ray.runtime import init_ray, new_run_dir
+from lightning_ray.tasks.actor import task_pool_from_config
+
+
+def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
+    """Train `cfg.trainer.steps` GRPO steps; with `resume`, continue a run directory from its last checkpoint."""
+    init_ray(cfg)
+    run_dir = Path(resume) if resume else new_run_dir(cfg, "train")
+    inference, pool, workers = start_rollout_stack(cfg, "train")
+    val_pool = task_pool_from_config(cfg, "val") if cfg.data.val and cfg.trainer.val_every else None
+    learners = LearnerGroup(cfg.learner, resolve_model(cfg.model.path), seed=cfg.trainer.seed)
+    log = RunLog(cfg, run_dir, resume=resume is not None)
+    start = 0
+    if resume:
+        start = restore(run_dir, learners, pool, inference)
+    elif val_pool is not None:
+        log.log(0, validate(cfg, val_pool, workers))
+    print(f"run directory: {run_dir}")
+    try:
+        for step in range(start + 1, cfg.trainer.steps + 1):
+            t0 = time.perf_counter()
+            batch = collect_batch(pool, workers, cfg.trainer.tasks_per_step, desc=f"step {step} rollouts")
+            record_batch_metrics(batch.summary, run=cfg.trainer.name)
+            check_failure_rate(batch.summary, cfg.rollout.max_failure_rate)
+            write_parquet(batch.transitions, run_dir, f"step-{step:06d}")
+            metrics = rollout_metrics(batch)
+
+            table, adv = compute_advantages(batch.transitions, cfg.algorithm)
+            metrics.update({f"advantage/{k}": v for k, v in adv.items()})
+            t1 = time.perf_counter()
+            if table.num_rows:
+                learned = learners.train_step(table, cfg.algorithm)
+                metrics.update({f"learner/{k}": v for k, v in learned.items()})
+            t2 = time.perf_counter()
+            broadcast_weights(learners.state_dict_ref(), version=step, handle=inference)
+            metrics.update({"time/rollout_s": t1 - t0, "time/learner_s": t2 - t1})
+            metrics["time/broadcast_s"] = time.perf_counter() - t2
+
+            if val_pool is not None and step % cfg.trainer.val_every == 0:
+                metrics.update(validate(cfg, val_pool, workers))
+            if step == cfg.trainer.steps or (
+                cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0
+            ):
+                save(run_dir, step, learners, pool)
+            metrics["time/step_s"] = time.perf_counter() - t0
+            log.log(step, metrics)
+            print(step_line(step, cfg.trainer.steps, metrics), flush=True)
+    finally:
+        log.close()
+        shutdown(workers, [pool, val_pool], learners)
+    return log.rows
+
+
+def rollout_metrics(batch: Batch) -> dict[str, Any]:
+    s = batch.summary
+    out = {
+        "rollout/success_rate": s.success_rate,
+        "rollout/reward_mean": s.reward_mean,
+        "rollout/reward_std": s.reward_std,
+        "rollout/rollouts": s.num_rollouts,
+        "rollout/llm_calls": batch.transitions.num_rows,
+    }
+    out.update({f"rollout/failures/{k}": n for k, n in s.failures_by_kind.items()})
+    if batch.transitions.num_rows:
+        out["rollout/policy_version"] = pc.min(batch.transitions["policy_version"]).as_py()
+    return out
+
+
+def validate(cfg: Config, val_pool: Any, workers: list[Any]) -> dict[str, float]:
+    """Held-out tasks, one greedy rollout each; success means a positive reward."""
+    n = cfg.trainer.val_limit or ray.get(val_pool.num_tasks.remote())
+    batch = collect_batch(
+        val_pool, workers, n, group_size=1, desc="validation", sampling={"temperature": 0.0}
+    )
+    rewards = [r.reward for r in batch.records]
+    solved = sum(1 for r in rewards if r is not None and r > 0)
+    return {
+        "val/success_rate": solved / max(len(rewards), 1),
+        "val/reward_mean": sum(r or 0.0 for r in rewards) / max(len(rewards), 1),
+        "val/failure_rate": batch.summary.failure_rate,
+    }
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:06d}"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (its marker is written last, so a crash mid-save is skipped)."""
+    done = sorted(p.parent for p in (run_dir / "checkpoints").glob(f"step-*/{CHECKPOINT_MARKER}"))
+    return done[-1] if done else None
+
+
+def save(run_dir: Path, step: int, learners: LearnerGroup, pool: Any) -> Path:
+    """HF folder + optimizer state, with the step and the task pool's data position."""
+    return learners.save_checkpoint(
+        checkpoint_dir(run_dir, step), extra={"step": step, "pool": ray.get(pool.state.remote())}
+    )
+
+
+def restore(run_dir: Path, learners: LearnerGroup, pool: Any, inference: Any) -> int:
+    """Weights, optimizer, data position and policy version from the last checkpoint; returns its step."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
+    extra = learners.load_checkpoint(path)["extra"]
+    ray.get(pool.load_state.remote(extra["pool"]))
+    broadcast_weights(learners.state_dict_ref(), version=extra["step"], handle=inference)
+    print(f"resumed from {path} at step {extra['step']}")
+    return int(extra["step"])
+
+
+def shutdown(workers: list[Any], pools: list[Any], learners: LearnerGroup) -> None:
+    ray.get([w.stop.remote() for w in workers])
+    for actor in [*workers, *(p for p in pools if p is not None)]:
+        ray.kill(actor)
+    learners.shutdown()
+    serve.delete(APP_NAME)
