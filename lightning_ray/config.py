@@ -148,6 +148,9 @@ class TrainerConfig(Section):
     tasks_per_step: int = Field(4, gt=0)
     val_every: int = Field(0, ge=0, description="0 disables validation.")
     val_limit: int | None = Field(None, gt=0)
+    success_threshold: float = Field(
+        1.0, description="A validation rollout is solved when its reward reaches this."
+    )
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end.")
     seed: int = 0
 

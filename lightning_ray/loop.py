@@ -95,13 +95,13 @@ def rollout_metrics(batch: Batch) -> dict[str, Any]:
 
 
 def validate(cfg: Config, val_pool: Any, workers: list[Any]) -> dict[str, float]:
-    """Held-out tasks, one greedy rollout each; success means a positive reward."""
+    """Held-out tasks, one greedy rollout each; solved when the reward reaches `trainer.success_threshold`."""
     n = cfg.trainer.val_limit or ray.get(val_pool.num_tasks.remote())
     batch = collect_batch(
         val_pool, workers, n, group_size=1, desc="validation", sampling={"temperature": 0.0}
     )
     rewards = [r.reward for r in batch.records]
-    solved = sum(1 for r in rewards if r is not None and r > 0)
+    solved = sum(1 for r in rewards if r is not None and r >= cfg.trainer.success_threshold)
     return {
         "val/success_rate": solved / max(len(rewards), 1),
         "val/reward_mean": sum(r or 0.0 for r in rewards) / max(len(rewards), 1),

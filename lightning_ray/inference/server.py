@@ -29,9 +29,11 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_tokens", "stop", "seed")
 
 def engine_env(inference: InferenceConfig) -> dict[str, str]:
     """Environment of a replica process; vLLM reads it at import, so it must be set before the actor starts."""
+    quiet = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     if inference.num_gpus_per_replica > 0:
-        return {}
+        return quiet
     return {
+        **quiet,
         "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(inference.kv_cache_gib))),
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
         "OMP_NUM_THREADS": str(inference.engine_threads),
