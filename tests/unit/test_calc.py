@@ -268,3 +268,12 @@ def _candidate_expressions(n: list[int]) -> list[str]:
         return [f"{a}+{b}", f"{a}-{b}", f"{a}*{b}", f"{a}//{b}"]
     a, b, c = n
     return [f"{a}*{b}-{c}", f"{a}*{b}+{c}", f"{a}-{b}*{c}", f"({a}+{b})//{c}"]
+
+
+def test_shaped_reward_gives_format_credit_only_to_a_plain_number():
+    from examples.calc.reward import FORMAT_CREDIT, shaped_reward
+
+    assert shaped_reward("<answer>84</answer>", 84) == 1.0
+    assert shaped_reward("<answer>83</answer>", 84) == FORMAT_CREDIT
+    assert shaped_reward("<answer>12*7</answer>", 84) == 0.0
+    assert shaped_reward("84", 84) == 0.0
