@@ -27,9 +27,9 @@ def make_chat(client: openai.AsyncOpenAI, llm: lr.LLM) -> Chat:
 
 @lr.rollout
 async def calc_agent(task: dict, llm: lr.LLM) -> float:
-    """Solve one word problem with the calculator tool; 1.0 for the right ``<answer>``, 0.1 for a wrong number
-    in the right format, else 0.0 (see ``shaped_reward``)."""
+    """Solve one word problem with the calculator tool; 1.0 for the right ``<answer>``, partial credit for
+    answer format and tool use otherwise (see ``shaped_reward``)."""
     client = openai.AsyncOpenAI(base_url=llm.base_url, api_key=llm.api_key)
     async with client:
         episode = await run_episode(task["question"], make_chat(client, llm))
-    return shaped_reward(episode.final_reply, float(task["answer"]))
+    return shaped_reward(episode.final_reply, float(task["answer"]), episode.tool_calls)

@@ -76,7 +76,7 @@ def handle_reply(reply: str, tool_calls_left: int) -> Turn:
     return Turn(done=True, action=action)
 
 
-def ended_by(action: Action) -> Literal["answer", "no_action", "tool_budget"]:
+def end_reason(action: Action) -> Literal["answer", "no_action", "tool_budget"]:
     """Why an episode stopped at ``action``."""
     if action.kind == "answer":
         return "answer"
@@ -93,7 +93,7 @@ def record_reply(episode: Episode, reply: str) -> bool:
     turn = handle_reply(reply, MAX_TOOL_CALLS - episode.tool_calls)
     episode.messages.append({"role": "assistant", "content": reply})
     if turn.done:
-        episode.final_reply, episode.ended_by = reply, ended_by(turn.action)
+        episode.final_reply, episode.ended_by = reply, end_reason(turn.action)
         return True
     episode.tool_calls += 1
     episode.messages.append({"role": "user", "content": turn.feedback or ""})

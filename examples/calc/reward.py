@@ -50,15 +50,19 @@ def answer_reward(reply: str, expected: float) -> float:
 
 
 FORMAT_CREDIT = 0.1
+TOOL_CREDIT = 0.2
 
 
-def shaped_reward(reply: str, expected: float) -> float:
-    """The training reward: 1.0 correct, FORMAT_CREDIT for a well-formed but wrong ``<answer>number</answer>``,
-    else 0.0. SmolLM2-135M is almost never right at first, so a strict 0/1 reward leaves most GRPO groups
-    without variance; the small format credit gives it a gradient toward the answer format first. Held-out
-    success still counts only correct answers (``trainer.success_threshold: 1.0``)."""
+def shaped_reward(reply: str, expected: float, tool_calls: int = 0) -> float:
+    """The training reward: 1.0 for the correct answer; otherwise partial credit for steps toward it:
+    FORMAT_CREDIT for a well-formed ``<answer>number</answer>`` and TOOL_CREDIT for having used the calculator.
+
+    SmolLM2-135M is almost never right at first, so a strict 0/1 reward leaves most GRPO groups without
+    variance. The small credits point it at the protocol that produces right answers (compute with the tool,
+    then answer in format); held-out success still counts only correct answers (`trainer.success_threshold`).
+    """
     content = extract_answer(reply)
     value = parse_number(content) if content is not None else None
-    if value is None:
-        return 0.0
-    return 1.0 if is_correct(value, expected) else FORMAT_CREDIT
+    if value is not None and is_correct(value, expected):
+        return 1.0
+    return (FORMAT_CREDIT if value is not None else 0.0) + (TOOL_CREDIT if tool_calls > 0 else 0.0)

@@ -271,9 +271,11 @@ def _candidate_expressions(n: list[int]) -> list[str]:
 
 
 def test_shaped_reward_gives_format_credit_only_to_a_plain_number():
-    from examples.calc.reward import FORMAT_CREDIT, shaped_reward
+    from examples.calc.reward import FORMAT_CREDIT, TOOL_CREDIT, shaped_reward
 
     assert shaped_reward("<answer>84</answer>", 84) == 1.0
+    assert shaped_reward("<answer>84</answer>", 84, tool_calls=1) == 1.0
     assert shaped_reward("<answer>83</answer>", 84) == FORMAT_CREDIT
-    assert shaped_reward("<answer>12*7</answer>", 84) == 0.0
+    assert shaped_reward("<answer>83</answer>", 84, tool_calls=2) == FORMAT_CREDIT + TOOL_CREDIT
+    assert shaped_reward("<answer>12*7</answer>", 84, tool_calls=1) == TOOL_CREDIT
     assert shaped_reward("84", 84) == 0.0
