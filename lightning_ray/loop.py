@@ -12,12 +12,11 @@ from typing import Any
 
 import pyarrow.compute as pc
 import ray
-from ray import serve
 
 from lightning_ray.algorithms.advantages import compute_advantages
 from lightning_ray.config import Config
 from lightning_ray.data.trajectories import write_parquet
-from lightning_ray.inference.server import APP_NAME, broadcast_weights
+from lightning_ray.inference.server import broadcast_weights
 from lightning_ray.learner.group import LearnerGroup
 from lightning_ray.learner.worker import CHECKPOINT_MARKER
 from lightning_ray.models import resolve_model
@@ -25,7 +24,7 @@ from lightning_ray.monitor.metrics import record_batch_metrics
 from lightning_ray.monitor.run_log import RunLog, step_line
 from lightning_ray.monitor.summary import check_failure_rate
 from lightning_ray.rollouts.collect import Batch, collect_batch
-from lightning_ray.rollouts.run import start_rollout_stack
+from lightning_ray.rollouts.run import start_rollout_stack, stop_rollout_stack
 from lightning_ray.runtime import init_ray, new_run_dir
 from lightning_ray.tasks.actor import task_pool_from_config
 
@@ -75,7 +74,8 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
             print(step_line(step, cfg.trainer.steps, metrics), flush=True)
     finally:
         log.close()
-        shutdown(workers, [pool, val_pool], learners)
+        learners.shutdown()
+        stop_rollout_stack(workers, [pool, val_pool])
     return log.rows
 
 
@@ -136,11 +136,3 @@ def restore(run_dir: Path, learners: LearnerGroup, pool: Any, inference: Any) ->
     broadcast_weights(learners.state_dict_ref(), version=extra["step"], handle=inference)
     print(f"resumed from {path} at step {extra['step']}")
     return int(extra["step"])
-
-
-def shutdown(workers: list[Any], pools: list[Any], learners: LearnerGroup) -> None:
-    ray.get([w.stop.remote() for w in workers])
-    for actor in [*workers, *(p for p in pools if p is not None)]:
-        ray.kill(actor)
-    learners.shutdown()
-    serve.delete(APP_NAME)

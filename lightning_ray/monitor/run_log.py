@@ -18,7 +18,7 @@ from lightning_ray.config import Config
 
 CURVES = [
     ("rollout/reward_mean", "train reward (mean)"),
-    ("rollout/success_rate", "train rollouts succeeded"),
+    ("val/reward_mean", "held-out reward (greedy)"),
     ("val/success_rate", "held-out success (greedy)"),
 ]
 

@@ -6,10 +6,11 @@ import json
 from typing import Any
 
 import ray
+from ray import serve
 
 from lightning_ray.config import Config
 from lightning_ray.data.trajectories import write_parquet
-from lightning_ray.inference.server import deploy_inference
+from lightning_ray.inference.server import APP_NAME, deploy_inference
 from lightning_ray.models import resolve_model
 from lightning_ray.monitor.metrics import record_batch_metrics
 from lightning_ray.rollouts.collect import collect_batch
@@ -26,12 +27,23 @@ def start_rollout_stack(cfg: Config, split: str = "train") -> tuple[Any, Any, li
     return inference, pool, workers
 
 
+def stop_rollout_stack(workers: list[Any], pools: list[Any]) -> None:
+    """Stop the workers (agent teardown, gateway) and the pools; the inference app goes with `serve.delete`."""
+    ray.get([w.stop.remote() for w in workers])
+    for actor in [*workers, *(p for p in pools if p is not None)]:
+        ray.kill(actor)
+    serve.delete(APP_NAME)
+
+
 def run_rollout(cfg: Config, limit: int | None = None, split: str = "train") -> dict[str, Any]:
     init_ray(cfg)
     run_dir = new_run_dir(cfg, "rollout")
     _, pool, workers = start_rollout_stack(cfg, split)
-    num_tasks = limit or ray.get(pool.num_tasks.remote())
-    batch = collect_batch(pool, workers, num_tasks, desc=f"rollout {split}")
+    try:
+        num_tasks = limit or ray.get(pool.num_tasks.remote())
+        batch = collect_batch(pool, workers, num_tasks, desc=f"rollout {split}")
+    finally:
+        stop_rollout_stack(workers, [pool])
     record_batch_metrics(batch.summary, run=cfg.trainer.name)
     write_parquet(batch.transitions, run_dir, "rollout-transitions")
     write_parquet(batch.rollouts, run_dir, "rollout-rollouts")

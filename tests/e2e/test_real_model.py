@@ -13,14 +13,12 @@ afterwards; if the session's tiny deployment (the `inference` fixture) was alrea
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from lightning_ray.config import load_config
 from lightning_ray.data.schema import TRANSITION_SCHEMA
@@ -92,7 +90,6 @@ def test_gateway_chat_on_real_model_knows_paris(serve_app):
 
 def test_rollout_calc_on_real_model(serve_app, tmp_path, monkeypatch):
     from lightning_ray.rollouts.run import run_rollout
-    from lightning_ray.tasks.actor import DEFAULT_POOL_NAME
 
     monkeypatch.chdir(REPO)  # the agent module and the dataset are found from the repo root
     config_file = REPO / "configs" / "calc.yaml"
@@ -108,10 +105,7 @@ def test_rollout_calc_on_real_model(serve_app, tmp_path, monkeypatch):
     cfg = load_config(config_file if config_file.exists() else None, overrides)
     limit = 4
     t0 = time.perf_counter()
-    try:
-        summary = run_rollout(cfg, limit=limit)
-    finally:
-        _stop_rollout_actors(cfg.rollout.num_workers, f"{DEFAULT_POOL_NAME}.train")
+    summary = run_rollout(cfg, limit=limit)  # stops its own workers and pool
     print(f"\nrollout of {limit} calc tasks on the real model: {time.perf_counter() - t0:.1f}s in all")
     print(json.dumps({k: v for k, v in summary.items() if k != "patterns"}, indent=2, default=str))
 
@@ -135,18 +129,3 @@ def test_rollout_calc_on_real_model(serve_app, tmp_path, monkeypatch):
     }
     assert all(calls.get(rid, 0) >= 1 for rid in rollout_ids), calls
     assert all(len(ids) > 0 for ids in transitions["response_ids"].to_pylist())
-
-
-def _stop_rollout_actors(num_workers: int, pool_name: str) -> None:
-    """`run_rollout` leaves its workers and pool running (the CLI process exits); stop them here."""
-    prefix = "rollout-worker"  # start_rollout_workers' default actor names: rollout-worker-{i}
-    workers = []
-    for i in range(num_workers):
-        with contextlib.suppress(ValueError):
-            workers.append(ray.get_actor(f"{prefix}-{i}"))
-    for w in workers:
-        with contextlib.suppress(Exception):
-            ray.get(w.stop.remote(), timeout=30)
-        ray.kill(w)
-    with contextlib.suppress(ValueError):
-        ray.kill(ray.get_actor(pool_name))

@@ -1,0 +1,221 @@
+"""Gateway overhead per LLM call: the engine through the Ray Serve handle vs the same request through the gateway.
+
+    python benchmarks/gateway_overhead.py [--calls 200] [--concurrency 16] [--tokens 16] [--model builtin:...]
+
+Path (a) awaits `handle.generate.remote(prompt_ids, sampling)` with token ids, as the gateway itself does.
+Path (b) sends the same chat request (same rendered prompt ids, same max_tokens, greedy) with the official
+`openai.AsyncOpenAI` client to `/rollout/{id}/v1/chat/completions`: HTTP, validation, chat-template render,
+the engine call, recording the transition, the OpenAI response body, and the client's own parsing.
+
+The gateway runs as a sidecar in the caller's event loop, exactly as in a RolloutWorker (agent + gateway in
+one asyncio loop of one process). By default the model is a tiny random one so that generation is cheap and
+the overhead is visible. Sequential calls alternate (a) and (b) so that background load hits both alike;
+the concurrent run keeps `--concurrency` calls in flight per path. Prints p50/p99 per call for both paths,
+their difference and ratio, and writes benchmarks/results/gateway_overhead[_<model>].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+QUESTION = "What is the capital of France?"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def stats_ms(latencies: list[float]) -> dict[str, float]:
+    ms = [x * 1000 for x in latencies]
+    return {
+        "p50_ms": round(statistics.median(ms), 2),
+        "p99_ms": round(percentile(ms, 99), 2),
+        "mean_ms": round(statistics.fmean(ms), 2),
+        "min_ms": round(min(ms), 2),
+        "max_ms": round(max(ms), 2),
+    }
+
+
+def overhead(direct: dict[str, float], gateway: dict[str, float]) -> dict[str, float]:
+    return {
+        "p50_diff_ms": round(gateway["p50_ms"] - direct["p50_ms"], 2),
+        "p99_diff_ms": round(gateway["p99_ms"] - direct["p99_ms"], 2),
+        "p50_ratio": round(gateway["p50_ms"] / direct["p50_ms"], 3),
+        "p99_ratio": round(gateway["p99_ms"] / direct["p99_ms"], 3),
+    }
+
+
+async def bench(args: argparse.Namespace, handle, cfg) -> dict:
+    import openai
+
+    from lightning_ray.gateway import start_gateway
+
+    gw = await start_gateway(cfg, handle=handle)
+    messages = [{"role": "user", "content": QUESTION}]
+    sampling = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": args.tokens}
+    n_clients = max(1, args.concurrency)
+    rollout_ids = [f"bench-{i}-{os.urandom(8).hex()}" for i in range(n_clients)]
+    for rid in rollout_ids:
+        gw.open_rollout(rid)
+    clients = [
+        openai.AsyncOpenAI(base_url=gw.base_url(rid), api_key=gw.api_key, max_retries=0)
+        for rid in rollout_ids
+    ]
+
+    async def via_gateway(i: int) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        reply = await clients[i].chat.completions.create(
+            model=gw.served_model, messages=messages, max_tokens=args.tokens, temperature=0.0
+        )
+        return time.perf_counter() - t0, reply.usage.completion_tokens
+
+    # One gateway call tells us exactly the prompt ids the engine sees, so path (a) sends the same request.
+    await via_gateway(0)
+    prompt_ids = gw.transitions(rollout_ids[0])[-1].prompt_ids
+
+    async def direct(i: int) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        out = await handle.options(session_id=rollout_ids[i]).generate.remote(prompt_ids, sampling)
+        return time.perf_counter() - t0, len(out["response_ids"])
+
+    for _ in range(args.warmup):
+        await direct(0)
+        await via_gateway(0)
+
+    seq: dict[str, list[tuple[float, int]]] = {"direct": [], "gateway": []}
+    for k in range(args.calls):
+        order = [("direct", direct), ("gateway", via_gateway)]
+        for name, fn in order if k % 2 == 0 else order[::-1]:
+            seq[name].append(await fn(0))
+
+    async def closed_loop(fn, total: int) -> tuple[list[tuple[float, int]], float]:
+        """`n_clients` callers, each issuing calls back to back until `total` calls are done."""
+        results: list[tuple[float, int]] = []
+        counter = iter(range(total))
+
+        async def caller(i: int) -> None:
+            for _ in counter:
+                results.append(await fn(i))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*[caller(i) for i in range(n_clients)])
+        return results, time.perf_counter() - t0
+
+    conc: dict[str, tuple[list[tuple[float, int]], float]] = {}
+    total = args.concurrent_calls
+    await closed_loop(direct, n_clients)  # warm the batch path
+    await closed_loop(via_gateway, n_clients)
+    # Two rounds per path, alternating, pooled.
+    for name, fn in [("direct", direct), ("gateway", via_gateway)] * 2:
+        res, wall = await closed_loop(fn, total // 2)
+        prev_res, prev_wall = conc.get(name, ([], 0.0))
+        conc[name] = (prev_res + res, prev_wall + wall)
+
+    recorded = sum(len(gw.close_rollout(rid)) for rid in rollout_ids)
+    for c in clients:
+        await c.close()
+    await gw.stop()
+
+    def section(results: dict[str, list[tuple[float, int]]], walls: dict[str, float] | None = None) -> dict:
+        out = {}
+        for name, rows in results.items():
+            out[name] = {
+                "calls": len(rows),
+                **stats_ms([r[0] for r in rows]),
+                "mean_response_tokens": round(statistics.fmean(r[1] for r in rows), 1),
+            }
+            if walls:
+                out[name]["calls_per_s"] = round(len(rows) / walls[name], 1)
+        out["overhead"] = overhead(out["direct"], out["gateway"])
+        return out
+
+    return {
+        "prompt_tokens": len(prompt_ids),
+        "gateway_calls_recorded": recorded,
+        "sequential": section(seq),
+        f"concurrent_{n_clients}": section(
+            {k: v[0] for k, v in conc.items()}, walls={k: v[1] for k, v in conc.items()}
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="'tiny' (random, default), builtin:NAME or a folder")
+    parser.add_argument("--calls", type=int, default=200, help="sequential calls per path")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--concurrent-calls", type=int, default=320, help="calls per path in the concurrent run"
+    )
+    parser.add_argument("--tokens", type=int, default=16, help="max_tokens of every call")
+    parser.add_argument("--warmup", type=int, default=10)
+    args = parser.parse_args()
+
+    import ray
+
+    from lightning_ray.config import load_config
+    from lightning_ray.inference.server import deploy_inference
+    from lightning_ray.models import make_tiny_model, resolve_model
+
+    load_before = round(os.getloadavg()[0], 2)  # other work on the box shows up here
+    tmp = tempfile.TemporaryDirectory(prefix="lr-bench-")
+    if args.model == "tiny":
+        model_dir, dtype = make_tiny_model(Path(tmp.name) / "tiny"), "float32"
+    else:
+        model_dir, dtype = resolve_model(args.model), "bfloat16"
+    cfg = load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            f"model.dtype={dtype}",
+            "inference.max_model_len=1024",
+            "inference.num_cpus_per_replica=1",
+            f"inference.max_num_seqs={max(32, args.concurrency)}",
+            f"inference.sampling.max_tokens={args.tokens}",
+        ],
+        check_files=False,
+    )
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        t0 = time.perf_counter()
+        handle = deploy_inference(model_dir, cfg.model, cfg.inference)
+        start_s = time.perf_counter() - t0
+        measured = asyncio.run(bench(args, handle, cfg))
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+        tmp.cleanup()
+    result = {
+        "model": args.model,
+        "dtype": dtype,
+        "max_tokens": args.tokens,
+        "greedy": True,
+        **measured,
+        "engine_start_s": round(start_s, 1),
+        "gateway_placement": "sidecar in the caller's event loop (as in a RolloutWorker)",
+        "machine": f"{os.cpu_count()} CPU cores",
+        "load_avg_1m_before_after": [load_before, round(os.getloadavg()[0], 2)],
+    }
+    print(json.dumps(result, indent=2))
+    suffix = "" if args.model == "tiny" else "_" + args.model.removeprefix("builtin:").replace("/", "_")
+    out = Path(__file__).parent / "results" / f"gateway_overhead{suffix}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
