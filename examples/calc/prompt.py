@@ -2,9 +2,7 @@
 
 SmolLM2-135M-Instruct almost never follows a bare instruction to use tags; a short rule followed by one
 complete demo exchange (question -> ``<calc>`` -> tool result -> ``<answer>``) lets it copy the pattern.
-Each question repeats a one-line reminder of the first step, which raised tool use and format compliance
-at T=1 in ``check_prompt.py`` runs. Tool results come back as ``user`` messages: the model's chat template
-knows no ``tool`` role.
+Tool results come back as ``user`` messages: the model's chat template knows no ``tool`` role.
 """
 
 from __future__ import annotations
@@ -14,31 +12,15 @@ SYSTEM_RULE = (
     "First write the calculation as <calc>expression</calc>. "
     "You will get the result. Then write the final number as <answer>number</answer>."
 )
-REMINDER = "Reply with only <calc>expression</calc>."
-
-
-def question_message(question: str) -> str:
-    """How a task's question is put to the model."""
-    return f"Question: {question}\n{REMINDER}"
-
 
 DEMO: list[dict[str, str]] = [
-    {
-        "role": "user",
-        "content": question_message(
-            "Kate has 15 shells. Kate finds 27 more shells. How many shells does Kate have now?"
-        ),
-    },
-    {"role": "assistant", "content": "<calc>15+27</calc>"},
-    {"role": "user", "content": "Result: 42"},
-    {"role": "assistant", "content": "<answer>42</answer>"},
+    {"role": "user", "content": "Lily has 12 boxes. Each box has 7 pens. How many pens does Lily have?"},
+    {"role": "assistant", "content": "<calc>12*7</calc>"},
+    {"role": "user", "content": "Result: 84"},
+    {"role": "assistant", "content": "<answer>84</answer>"},
 ]
 
 
 def initial_messages(question: str) -> list[dict[str, str]]:
     """The conversation the agent opens with: system rule, demo turn, then the task's question."""
-    return [
-        {"role": "system", "content": SYSTEM_RULE},
-        *DEMO,
-        {"role": "user", "content": question_message(question)},
-    ]
+    return [{"role": "system", "content": SYSTEM_RULE}, *DEMO, {"role": "user", "content": question}]
