@@ -15,6 +15,7 @@ import ray
 
 from lightning_ray.algorithms.advantages import compute_advantages
 from lightning_ray.config import Config
+from lightning_ray.data.merge import select_trained_calls
 from lightning_ray.data.trajectories import write_parquet
 from lightning_ray.inference.server import broadcast_weights
 from lightning_ray.learner.group import LearnerGroup
@@ -53,6 +54,9 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
             metrics = rollout_metrics(batch)
 
             table, adv = compute_advantages(batch.transitions, cfg.algorithm)
+            table = select_trained_calls(
+                table, cfg.rollout.train_agents
+            )  # after: untrained roles' rewards count
             metrics.update({f"advantage/{k}": v for k, v in adv.items()})
             t1 = time.perf_counter()
             if table.num_rows:
