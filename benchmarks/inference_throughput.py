@@ -46,14 +46,20 @@ def main() -> None:
 
     cfg = load_config(
         None,
-        [f"model.path={args.model}", f"inference.enforce_eager={not args.compiled}", "inference.kv_cache_gib=2"],
+        [
+            f"model.path={args.model}",
+            f"inference.enforce_eager={not args.compiled}",
+            "inference.kv_cache_gib=2",
+        ],
         check_files=False,
     )
     model_dir = resolve_model(cfg.model.path)
     tok = AutoTokenizer.from_pretrained(model_dir)
     texts = [
         tok.apply_chat_template(
-            [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+            add_generation_prompt=True,
+            tokenize=False,
         )
         for i in range(args.requests)
     ]
@@ -65,7 +71,9 @@ def main() -> None:
     sampling = {"temperature": 1.0, "max_tokens": args.tokens, "seed": 0}
 
     async def run() -> list[dict]:
-        return await asyncio.gather(*[handle.generate.remote(p, {**sampling, "seed": i}) for i, p in enumerate(prompts)])
+        return await asyncio.gather(
+            *[handle.generate.remote(p, {**sampling, "seed": i}) for i, p in enumerate(prompts)]
+        )
 
     asyncio.run(run())  # warm-up (first batch allocates buffers)
     t0 = time.perf_counter()
