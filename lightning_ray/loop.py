@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
 from lightning_ray.algorithms.advantages import compute_advantages
 from lightning_ray.config import Config
-from lightning_ray.data.merge import select_trained_calls
+from lightning_ray.data.merge import merge_prefix_turns, select_trained_calls
 from lightning_ray.data.trajectories import write_parquet
 from lightning_ray.inference.server import broadcast_weights
 from lightning_ray.learner.group import LearnerGroup
@@ -53,10 +54,8 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
             write_parquet(batch.transitions, run_dir, f"step-{step:06d}")
             metrics = rollout_metrics(batch)
 
-            table, adv = compute_advantages(batch.transitions, cfg.algorithm)
-            table = select_trained_calls(
-                table, cfg.rollout.train_agents
-            )  # after: untrained roles' rewards count
+            table, adv = compute_advantages(training_rows(batch.transitions, cfg), cfg.algorithm)
+            table = select_trained_calls(table, cfg.rollout.train_agents)
             metrics.update({f"advantage/{k}": v for k, v in adv.items()})
             t1 = time.perf_counter()
             if table.num_rows:
@@ -96,6 +95,13 @@ def rollout_metrics(batch: Batch) -> dict[str, Any]:
     if batch.transitions.num_rows:
         out["rollout/policy_version"] = pc.min(batch.transitions["policy_version"]).as_py()
     return out
+
+
+def training_rows(transitions: pa.Table, cfg: Config) -> pa.Table:
+    """One row per training sequence: each call, or with `algorithm.merge_prefix_turns` each run of calls
+    that extends one conversation. Calls of untrained roles stay in until after the advantages, so their
+    emitted rewards still count in their rollout's value (see `lightning_ray.data.merge`)."""
+    return merge_prefix_turns(transitions) if cfg.algorithm.merge_prefix_turns else transitions
 
 
 def validate(cfg: Config, val_pool: Any, workers: list[Any]) -> dict[str, float]:

@@ -67,3 +67,21 @@ async def varied_agent(task: dict, llm: lr.LLM) -> float:
     """One call; a reward that differs between samples of the same task, so GRPO groups have variance."""
     reply = await _ask(llm, task["question"])
     return float(len(reply) % 3 == 0)
+
+
+@lr.rollout
+async def chatty_agent(task: dict, llm: lr.LLM) -> float:
+    """Three calls in one growing conversation with a tool-like user turn after each reply: turns that extend
+    a prefix, for `algorithm.merge_prefix_turns`."""
+    client = openai.AsyncOpenAI(base_url=llm.base_url, api_key=llm.api_key, max_retries=0)
+    messages = [{"role": "user", "content": task["question"]}]
+    for turn in range(3):
+        reply = await client.chat.completions.create(
+            model=llm.model, messages=messages, **llm.sampling_kwargs()
+        )
+        text = reply.choices[0].message.content or ""
+        messages += [
+            {"role": "assistant", "content": text},
+            {"role": "user", "content": f"Result {turn}: 42"},
+        ]
+    return float(len(text) % 3 == 0)

@@ -41,12 +41,20 @@ def scatter_rows(values: np.ndarray, lengths: np.ndarray, end_cols: np.ndarray, 
     out[rows, cols] = values
 
 
+def check_per_token(lengths: np.ndarray, response_len: np.ndarray, what: str) -> None:
+    """A per-response-token column must have one entry per response token in every row."""
+    if not np.array_equal(lengths, response_len):
+        bad = int(np.flatnonzero(lengths != response_len)[0])
+        raise ValueError(f"row {bad}: {lengths[bad]} {what} for {response_len[bad]} response tokens")
+
+
 def table_to_batch(table: pa.Table, pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Padded tensors for one micro-batch.
 
     Keys: `input_ids`, `attention_mask`, `position_ids` [B, T] (int64); `targets` [B, R] (response ids),
-    `response_mask` [B, R] (float32, 1 on response tokens), `rollout_logprobs` [B, R] (float32, the
-    engine's log-probs), `advantages` [B] (float32, zeros when the table has no advantage column),
+    `response_mask` [B, R] (float32, 1 on response tokens the loss counts: all of them, or only those
+    where a merged row's `loss_mask` is 1, see `lightning_ray.data.merge`), `rollout_logprobs` [B, R]
+    (float32, the engine's log-probs), `advantages` [B] (float32, zeros when the table has no advantage column),
     `response_lengths` [B] (int64). `T >= R + 1` always holds.
     """
     prompt, prompt_len = list_column(table, "prompt_ids")
@@ -54,11 +62,7 @@ def table_to_batch(table: pa.Table, pad_id: int = 0) -> dict[str, torch.Tensor]:
     logprobs, logprobs_len = list_column(table, "response_logprobs")
     if (prompt_len == 0).any():
         raise ValueError("a row has an empty prompt: its first response token has no position to predict it")
-    if not np.array_equal(logprobs_len, response_len):
-        bad = int(np.flatnonzero(logprobs_len != response_len)[0])
-        raise ValueError(
-            f"row {bad}: {logprobs_len[bad]} response log-probs for {response_len[bad]} response tokens"
-        )
+    check_per_token(logprobs_len, response_len, "response log-probs")
     b = table.num_rows
     r = int(response_len.max()) if b else 0
     t = max(int((prompt_len + response_len).max()) if b else 0, r + 1)
@@ -74,6 +78,10 @@ def table_to_batch(table: pa.Table, pad_id: int = 0) -> dict[str, torch.Tensor]:
     targets = np.full((b, r), pad_id, dtype=np.int64)
     scatter_rows(response, response_len, np.full(b, r), targets)
     response_mask = (np.arange(r)[None, :] >= (r - response_len)[:, None]).astype(np.float32)
+    if "loss_mask" in table.column_names:
+        loss_mask, mask_len = list_column(table, "loss_mask")
+        check_per_token(mask_len, response_len, "loss_mask entries")
+        scatter_rows(loss_mask.astype(np.float32), response_len, np.full(b, r), response_mask)
     rollout_logprobs = np.zeros((b, r), dtype=np.float32)
     scatter_rows(logprobs.astype(np.float32), response_len, np.full(b, r), rollout_logprobs)
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from transformers import AutoModelForCausalLM
 
+from lightning_ray.config import load_config
 from lightning_ray.loop import latest_checkpoint, train
 from lightning_ray.monitor.run_log import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def loop_config(tiny_config, tmp_path, steps: int):
@@ -52,3 +57,50 @@ def test_train_checkpoint_and_resume(inference, tiny_config, tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert rows[3]["rollout/policy_version"] == 2  # resumed weights were broadcast as version 2
     assert latest_checkpoint(run_dir).name == "step-000003"
+
+
+def test_train_step_on_merged_multi_turn_rollouts(inference, tiny_config, tmp_path):
+    """`algorithm.merge_prefix_turns`: a rollout's three prefix-extending calls train as one sequence, and the
+    learner counts only the tokens the model generated (the inserted user turns are masked out)."""
+    cfg = loop_config(tiny_config, tmp_path, steps=1)
+    cfg.rollout.agent = "tests.agents:chatty_agent"
+    cfg.algorithm.merge_prefix_turns, cfg.algorithm.drop_zero_variance = True, False
+    cfg.trainer.val_every = 0
+    [row] = train(cfg)
+    [run_dir] = list((tmp_path / "runs" / "loop").iterdir())
+    calls = pq.read_table(run_dir / "trajectories" / "step-000001.parquet")
+    assert row["rollout/rollouts"] == 8 and row["rollout/llm_calls"] == calls.num_rows == 24
+    assert row["advantage/rows"] == 8  # one merged sequence per rollout
+    assert row["learner/sequences"] == 8
+    generated = sum(len(ids) for ids in calls["response_ids"].to_pylist())
+    assert row["learner/tokens"] == generated
+
+
+@pytest.mark.parametrize("name", ["calc_openai_agents", "calc_langgraph", "calc_autogen"])
+def test_framework_config_trains(name, inference, tiny_config, tmp_path):
+    """Each framework example's own config (`configs/<name>.yaml`), on the tiny model, through one GRPO step:
+    the framework's calls are recorded, trained on, and the step's checkpoint loads in transformers."""
+    cfg = load_config(
+        REPO / "configs" / f"{name}.yaml",
+        [
+            f"model.path={tiny_config.model.path}",
+            "model.dtype=float32",
+            "inference.kv_cache_gib=1",
+            "inference.num_cpus_per_replica=0.5",
+            "inference.max_model_len=1024",
+            "inference.sampling.max_tokens=16",
+            "rollout.concurrency=8",
+            "learner.num_cpus_per_worker=0.5",
+            "algorithm.drop_zero_variance=false",
+            "data.val=null",
+            "trainer.steps=1",
+            "trainer.tasks_per_step=2",
+            f"trainer.run_dir={tmp_path / 'runs'}",
+            "logging.wandb=false",
+        ],
+    )
+    [row] = train(cfg)
+    assert row["rollout/rollouts"] == 8 and row["rollout/llm_calls"] >= 8
+    assert row["learner/sequences"] >= 8 and row["learner/tokens"] > 0
+    [run_dir] = list((tmp_path / "runs" / name).iterdir())
+    AutoModelForCausalLM.from_pretrained(latest_checkpoint(run_dir))

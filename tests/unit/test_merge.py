@@ -7,9 +7,13 @@ import math
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
+from lightning_ray.algorithms.losses import loss_denominator, policy_loss
 from lightning_ray.data.merge import MERGED_SCHEMA, merge_prefix_turns, select_trained_calls
 from lightning_ray.data.schema import TRANSITION_SCHEMA
+from lightning_ray.learner.batch import table_to_batch
+from lightning_ray.learner.worker import forward_logprobs
 
 
 def row(
@@ -122,3 +126,64 @@ def test_select_trained_calls_keeps_roles_and_their_rollout_reward():
     assert select_trained_calls(t, ["nobody"]).num_rows == 0
     with pytest.raises(ValueError, match="empty"):
         select_trained_calls(t, [])
+
+
+def tiny_causal_lm() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def token_loss_and_grads(model: torch.nn.Module, rows: pa.Table) -> tuple[float, list[torch.Tensor]]:
+    """The learner's PPO token loss (advantage 1, old = current log-probs) and its gradients on `rows`."""
+    model.zero_grad()
+    batch = table_to_batch(rows.append_column("advantage", pa.array([1.0] * rows.num_rows, pa.float32())))
+    logp, _ = forward_logprobs(model, batch)
+    mask = batch["response_mask"]
+    loss, _ = policy_loss(
+        logp, logp.detach(), batch["advantages"], mask, denominator=float(loss_denominator(mask, "token"))
+    )
+    loss.backward()
+    return float(loss.detach()), [p.grad.clone() for p in model.parameters()]
+
+
+def test_learner_trains_a_merged_row_exactly_like_its_separate_calls():
+    """With `loss_mask`, the tokens the agent inserted (tool results) carry no loss, and the generated tokens
+    see the same context as in their own calls: loss and gradients equal those of the unmerged calls."""
+    calls = table(
+        [
+            row("a", 0, [1, 2], [10, 11]),
+            row("a", 1, [1, 2, 10, 11, 7, 7], [12]),
+            row("a", 2, [1, 2, 10, 11, 7, 7, 12, 8], [13, 14]),
+        ]
+    )
+    merged = merge_prefix_turns(calls)
+    batch = table_to_batch(merged)
+    assert batch["response_mask"].tolist() == [[1, 1, 0, 0, 1, 0, 1, 1]]
+    model = tiny_causal_lm()
+    merged_loss, merged_grads = token_loss_and_grads(model, merged)
+    separate_loss, separate_grads = token_loss_and_grads(model, calls)
+    assert math.isclose(merged_loss, separate_loss, rel_tol=1e-5, abs_tol=1e-7)
+    for a, b in zip(merged_grads, separate_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_table_to_batch_rejects_a_loss_mask_of_the_wrong_length():
+    merged = merge_prefix_turns(table([row("a", 0, [1, 2], [10, 11])]))
+    bad = merged.set_column(
+        merged.schema.get_field_index("loss_mask"),
+        "loss_mask",
+        pa.array([[1]], pa.list_(pa.int8())),
+    )
+    with pytest.raises(ValueError, match="row 0: 1 loss_mask entries for 2 response tokens"):
+        table_to_batch(bad)
