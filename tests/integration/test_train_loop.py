@@ -10,6 +10,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from lightning_ray.config import load_config
+from lightning_ray.data.merge import merge_prefix_turns
 from lightning_ray.loop import latest_checkpoint, train
 from lightning_ray.monitor.run_log import read_metrics
 
@@ -70,8 +71,11 @@ def test_train_step_on_merged_multi_turn_rollouts(inference, tiny_config, tmp_pa
     [run_dir] = list((tmp_path / "runs" / "loop").iterdir())
     calls = pq.read_table(run_dir / "trajectories" / "step-000001.parquet")
     assert row["rollout/rollouts"] == 8 and row["rollout/llm_calls"] == calls.num_rows == 24
-    assert row["advantage/rows"] == 8  # one merged sequence per rollout
-    assert row["learner/sequences"] == 8
+    # One sequence per rollout, unless the random model generated a special token: the text the agent sends
+    # back lacks it, so that turn cannot extend the recorded ids and stays its own sequence.
+    sequences = merge_prefix_turns(calls).num_rows
+    assert 8 <= sequences < 12
+    assert row["advantage/rows"] == row["learner/sequences"] == sequences
     generated = sum(len(ids) for ids in calls["response_ids"].to_pylist())
     assert row["learner/tokens"] == generated
 
