@@ -17,7 +17,7 @@ from pathlib import Path
 
 from examples.calc.make_dataset import DATA_DIR
 from examples.calc.protocol import Episode, record_reply, start_episode
-from examples.calc.reward import answer_reward, extract_answer, parse_number
+from examples.calc.reward import answer_reward, extract_answer, parse_number, shaped_reward
 
 
 def load_questions(path: Path, n: int) -> list[dict]:
@@ -56,14 +56,20 @@ def run_batch(model, tokenizer, tasks: list[dict], args: argparse.Namespace) -> 
     return episodes
 
 
-def summarize(tasks: list[dict], episodes: list[Episode], samples: int) -> dict:
-    """Format compliance, tool use, accuracy (the agent's reward) and GRPO groups with reward variance."""
-    rewards, per_level = [], defaultdict(list)
-    for i, episode in enumerate(episodes):
-        task = tasks[i // samples]
-        rewards.append(answer_reward(episode.final_reply, float(task["answer"])))
-        per_level[task.get("level", 0)].append(rewards[-1])
+def groups_with_variance(rewards: list[float], samples: int) -> float:
+    """The share of GRPO groups (``samples`` consecutive episodes of one task) whose rewards differ."""
     groups = [rewards[i : i + samples] for i in range(0, len(rewards), samples)]
+    return sum(len(set(g)) > 1 for g in groups) / len(groups)
+
+
+def summarize(tasks: list[dict], episodes: list[Episode], samples: int) -> dict:
+    """Format compliance, tool use, strict accuracy, the training (shaped) reward and GRPO groups with variance."""
+    rewards, shaped, per_level = [], [], defaultdict(list)
+    for i, episode in enumerate(episodes):
+        expected = float(tasks[i // samples]["answer"])
+        rewards.append(answer_reward(episode.final_reply, expected))
+        shaped.append(shaped_reward(episode.final_reply, expected, episode.tool_calls))
+        per_level[tasks[i // samples].get("level", 0)].append(rewards[-1])
     answers = [extract_answer(e.final_reply) for e in episodes]
     return {
         "episodes": len(episodes),
@@ -72,7 +78,9 @@ def summarize(tasks: list[dict], episodes: list[Episode], samples: int) -> dict:
         "tool_use": sum(e.tool_calls > 0 for e in episodes) / len(episodes),
         "accuracy": statistics.mean(rewards),
         "accuracy_by_level": {level: statistics.mean(r) for level, r in sorted(per_level.items())},
-        "groups_with_variance": sum(len(set(g)) > 1 for g in groups) / len(groups),
+        "groups_with_variance": groups_with_variance(rewards, samples),
+        "shaped_reward": statistics.mean(shaped),
+        "groups_with_variance_shaped": groups_with_variance(shaped, samples),
         "mean_llm_calls": statistics.mean(
             sum(m["role"] == "assistant" for m in e.messages) - 2 for e in episodes
         ),

@@ -205,15 +205,17 @@ def test_record_reply_ends_without_an_action() -> None:
     assert episode.ended_by == "no_action" and episode.tool_calls == 0
 
 
-def test_prompt_is_rule_then_one_worked_demo_then_question() -> None:
+def test_prompt_is_rule_then_worked_demos_then_question() -> None:
     messages = initial_messages("How many?")
     assert messages[0] == {"role": "system", "content": SYSTEM_RULE}
     assert messages[1:-1] == DEMO
     assert messages[-1]["role"] == "user" and messages[-1]["content"].startswith("How many?")
-    calc, result, answer = DEMO[1]["content"], DEMO[2]["content"], DEMO[3]["content"]
-    assert run_tool(parse_reply(calc).text) == result
-    assert parse_reply(answer).kind == "answer"
-    assert answer_reward(answer, float(result.removeprefix("Result: "))) == 1.0
+    assert len(DEMO) % 4 == 0
+    for i in range(0, len(DEMO), 4):
+        calc, result, answer = DEMO[i + 1]["content"], DEMO[i + 2]["content"], DEMO[i + 3]["content"]
+        assert run_tool(parse_reply(calc).text) == result
+        assert parse_reply(answer).kind == "answer"
+        assert answer_reward(answer, float(result.removeprefix("Result: "))) == 1.0
 
 
 # --- dataset ---------------------------------------------------------------------------------------------
