@@ -45,12 +45,11 @@ def cmd_check(cfg: Config) -> None:
 def cmd_serve(cfg: Config) -> None:
     """Deploy the inference replicas, then run the gateway in front of them until Ctrl-C."""
     from lightning_ray.gateway.standalone import serve_gateway
-    from lightning_ray.inference.server import deploy_inference
-    from lightning_ray.models import resolve_model
+    from lightning_ray.rollouts.run import deploy_policies
     from lightning_ray.runtime import init_ray
 
     init_ray(cfg)
-    handle = deploy_inference(resolve_model(cfg.model.path), cfg.model, cfg.inference)
+    handle = deploy_policies(cfg)
     try:
         asyncio.run(serve_gateway(cfg, handle=handle))
     finally:

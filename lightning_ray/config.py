@@ -54,6 +54,21 @@ class InferenceConfig(Section):
     engine_threads: int = Field(1, gt=0, description="Compute threads of a CPU engine.")
     seed: int = 0
     sampling: SamplingConfig = SamplingConfig()
+    weight_sync: Literal["object_store", "collective"] = Field(
+        "object_store",
+        description="How new weights reach every replica after a step. 'object_store': learner rank 0 puts "
+        "one state dict in the Ray object store, each replica reloads it through shared memory (the CPU "
+        "default). 'collective': a process group between learner rank 0 and every vLLM worker (NCCL when "
+        "learners and replicas have GPUs on different devices, gloo otherwise) broadcasts the tensors; an "
+        "update that fails there (e.g. a replica died mid-transfer) goes through the object store instead and "
+        "the group is rebuilt for the next one.",
+    )
+    weight_sync_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="weight_sync=collective: how long any one step of the group (joining, one broadcast) may "
+        "wait for a missing rank before it fails with an error.",
+    )
 
     @model_validator(mode="after")
     def _tp_needs_gpus(self) -> InferenceConfig:
@@ -90,6 +105,27 @@ class RolloutConfig(Section):
     train_agents: list[str] | None = Field(
         None, description="Agent roles whose calls are trained; all if unset."
     )
+    frozen_agents: list[str] = Field(
+        default_factory=list,
+        description="Untrained roles served by a frozen snapshot of the starting policy (a second inference "
+        "deployment that never receives weight updates); the other roles use the live policy.",
+    )
+
+    @model_validator(mode="after")
+    def _frozen_roles_are_not_trained(self) -> RolloutConfig:
+        if not self.frozen_agents:
+            return self
+        if self.train_agents is None:
+            raise ValueError(
+                f"frozen_agents={self.frozen_agents} needs train_agents: unset, every role is trained, the "
+                "frozen ones included"
+            )
+        both = sorted(set(self.frozen_agents) & set(self.train_agents))
+        if both:
+            raise ValueError(
+                f"frozen_agents and train_agents both name {both}: a role is trained or frozen, not both"
+            )
+        return self
 
 
 class DataConfig(Section):
@@ -277,11 +313,12 @@ def check_resources(cfg: Config, resources: dict[str, float]) -> None:
         problems.append(
             f"learner.num_gpus_per_worker: {lrn.num_gpus_per_worker} > {gpus:g} GPUs in the cluster"
         )
-    need_gpus = inf.num_replicas * inf.num_gpus_per_replica + lrn.num_workers * lrn.num_gpus_per_worker
+    replicas = inf.num_replicas * (2 if ro.frozen_agents else 1)  # the frozen snapshot is a second deployment
+    need_gpus = replicas * inf.num_gpus_per_replica + lrn.num_workers * lrn.num_gpus_per_worker
     if need_gpus > gpus + 1e-9:
         problems.append(f"inference+learner ask for {need_gpus:g} GPUs, the cluster has {gpus:g}")
     need_cpus = (
-        inf.num_replicas * inf.num_cpus_per_replica
+        replicas * inf.num_cpus_per_replica
         + lrn.num_workers * lrn.num_cpus_per_worker
         + ro.num_workers * ro.num_cpus_per_worker
     )

@@ -18,7 +18,6 @@ from lightning_ray.algorithms.advantages import compute_advantages
 from lightning_ray.config import Config
 from lightning_ray.data.merge import merge_prefix_turns, select_trained_calls
 from lightning_ray.data.trajectories import write_parquet
-from lightning_ray.inference.server import broadcast_weights
 from lightning_ray.learner.group import LearnerGroup
 from lightning_ray.learner.worker import CHECKPOINT_MARKER
 from lightning_ray.models import resolve_model
@@ -29,6 +28,7 @@ from lightning_ray.rollouts.collect import Batch, collect_batch
 from lightning_ray.rollouts.run import start_rollout_stack, stop_rollout_stack
 from lightning_ray.runtime import init_ray, new_run_dir
 from lightning_ray.tasks.actor import task_pool_from_config
+from lightning_ray.weight_sync import sync_weights
 
 
 def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
@@ -41,7 +41,7 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
     log = RunLog(cfg, run_dir, resume=resume is not None)
     start = 0
     if resume:
-        start = restore(run_dir, learners, pool, inference)
+        start = restore(cfg, run_dir, learners, pool, inference)
     elif val_pool is not None:
         log.log(0, validate(cfg, val_pool, workers))
     print(f"run directory: {run_dir}")
@@ -62,7 +62,7 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
                 learned = learners.train_step(table, cfg.algorithm, cfg.inference.sampling.max_tokens)
                 metrics.update({f"learner/{k}": v for k, v in learned.items()})
             t2 = time.perf_counter()
-            broadcast_weights(learners.state_dict_ref(), version=step, handle=inference)
+            sync_weights(learners, inference, step, cfg)
             metrics.update({"time/rollout_s": t1 - t0, "time/learner_s": t2 - t1})
             metrics["time/broadcast_s"] = time.perf_counter() - t2
 
@@ -136,13 +136,13 @@ def save(run_dir: Path, step: int, learners: LearnerGroup, pool: Any) -> Path:
     )
 
 
-def restore(run_dir: Path, learners: LearnerGroup, pool: Any, inference: Any) -> int:
+def restore(cfg: Config, run_dir: Path, learners: LearnerGroup, pool: Any, inference: Any) -> int:
     """Weights, optimizer, data position and policy version from the last checkpoint; returns its step."""
     path = latest_checkpoint(run_dir)
     if path is None:
         raise FileNotFoundError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
     extra = learners.load_checkpoint(path)["extra"]
     ray.get(pool.load_state.remote(extra["pool"]))
-    broadcast_weights(learners.state_dict_ref(), version=extra["step"], handle=inference)
+    sync_weights(learners, inference, extra["step"], cfg)
     print(f"resumed from {path} at step {extra['step']}")
     return int(extra["step"])

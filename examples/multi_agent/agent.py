@@ -2,8 +2,11 @@
 
 Both are ordinary OpenAI Agents SDK agents. Each gets its own client on the rollout's endpoint for its role,
 `llm.for_agent("solver")` / `llm.for_agent("checker")`, so the gateway records every call under the role that
-made it; nothing inside the framework changes. `rollout.train_agents` in the config picks whose calls train
-(`configs/multi_agent.yaml` trains the solver; the checker runs on the same, current policy untrained).
+made it; nothing inside the framework changes. `rollout.train_agents` in the config picks whose calls train,
+and `rollout.frozen_agents` which untrained roles are served by a frozen snapshot of the starting policy (a second
+inference deployment that never receives the new weights). `configs/multi_agent.yaml` trains the solver and
+freezes the checker, so the judge of each answer does not drift as the solver learns; without `frozen_agents`
+an untrained role runs on the current, trained policy.
 
 Credit: the rollout's reward (the checker's final answer, scored like the calc example) goes to every trained
 call (see `lightning_ray/data/merge.py`).

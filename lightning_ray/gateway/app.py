@@ -151,10 +151,10 @@ async def _respond(state: GatewayState, call: Call, fmt: Formatter, stream: bool
         gen = await generate(state, call)
         reply = reply_for(state, call, record(state, call, gen))
         return JSONResponse(
-            fmt.body(gen, reply.content, reply.tool_calls),
+            fmt.body(gen, reply),
             headers={POLICY_VERSION_HEADER: str(gen.policy_version)},
         )
-    deltas = state.engine.stream(call.rollout_id, call.prompt.ids, call.sampling)
+    deltas = state.engine.stream(call.rollout_id, call.prompt.ids, call.sampling, role=call.role)
     try:
         first = await anext(deltas)  # engine errors become a status code, not a broken stream
     except StopAsyncIteration:

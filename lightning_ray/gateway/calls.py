@@ -28,9 +28,9 @@ from lightning_ray.gateway.tools import (
     DEFAULT_TOOL_PARSER,
     Reply,
     ToolCallParser,
-    load_parser_class,
     restore_generated,
     template_for,
+    tool_call_parser,
 )
 
 DEFAULT_ROLE = "default"
@@ -106,8 +106,10 @@ def resolve_role(route_role: str | None, model: str | None, served_model: str) -
 def prepare_chat(
     state: GatewayState, rollout_id: str, route_role: str | None, req: ChatCompletionRequest
 ) -> Call:
-    """Render the conversation (tool calls this gateway produced render as the model's exact text)."""
+    """Render the conversation (tool calls this gateway produced render as the model's exact text); a
+    `tool_choice` that constrains the answer adds its JSON schema to the sampling."""
     history = _history(state, rollout_id)
+    tools = tool_call_parser(state.tool_parser, state.tokenizer, req)
     messages = restore_generated([m.to_template() for m in req.messages], _tool_texts(state, rollout_id))
     try:
         text = render_chat(
@@ -123,8 +125,9 @@ def prepare_chat(
         ) from err
     prompt = splice_prompt(state.tokenizer, text, history)
     call = _call(state, rollout_id, route_role, req, "chat", prompt, bool(req.logprobs))
-    if req.tools:
-        call.tools = ToolCallParser(load_parser_class(state.tool_parser), state.tokenizer, req)
+    if tools is not None:
+        call.tools = tools
+        call.sampling.update(tools.sampling())
     return call
 
 
@@ -261,7 +264,7 @@ def record(state: GatewayState, call: Call, gen: Generation) -> str:
 
 
 async def generate(state: GatewayState, call: Call) -> Generation:
-    res = await state.engine.generate(call.rollout_id, call.prompt.ids, call.sampling)
+    res = await state.engine.generate(call.rollout_id, call.prompt.ids, call.sampling, role=call.role)
     if list(res["prompt_ids"]) != call.prompt.ids:
         raise GatewayError(502, "the inference engine reports other prompt ids than the gateway sent")
     return Generation(

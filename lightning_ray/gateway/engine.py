@@ -1,16 +1,19 @@
-"""The inference service as the gateway sees it: a Ray Serve handle, sticky per rollout, errors as HTTP codes."""
+"""The inference service as the gateway sees it: a Ray Serve handle, sticky per rollout, errors as HTTP codes.
+
+Roles in `rollout.frozen_agents` are served by a second deployment of the same model at its starting weights
+(`FROZEN_APP_NAME`, which never receives a weight broadcast); every other role by the live, trained policy.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from lightning_ray.gateway.protocol import GatewayError
-from lightning_ray.inference.server import APP_NAME, DEPLOYMENT_NAME
+from lightning_ray.inference.server import APP_NAME, FROZEN_APP_NAME, inference_handle
 
 _UNAVAILABLE = (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError)
 
@@ -29,30 +32,64 @@ def _first_line(err: BaseException) -> str:
 
 
 class Engine:
-    """Calls `InferenceServer` through a handle; `session_id=rollout_id` keeps a rollout on one replica."""
+    """Calls `InferenceServer` through a handle; `session_id=rollout_id` keeps a rollout on one replica.
 
-    def __init__(self, handle: Any | None = None):
-        self.handle = (
-            handle if handle is not None else serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP_NAME)
-        )
+    handle: the live policy's deployment; looked up by name (`APP_NAME`) when omitted.
+    frozen_agents: roles whose calls go to `frozen_handle` instead, looked up by name (`FROZEN_APP_NAME`) when
+        omitted and `frozen_agents` is not empty.
+    """
+
+    def __init__(
+        self,
+        handle: Any | None = None,
+        *,
+        frozen_agents: Iterable[str] = (),
+        frozen_handle: Any | None = None,
+    ):
+        self.handle = handle if handle is not None else inference_handle(APP_NAME)
+        self.frozen_agents = frozenset(frozen_agents)
+        if self.frozen_agents and frozen_handle is None:
+            frozen_handle = inference_handle(FROZEN_APP_NAME)
+        self.frozen_handle = frozen_handle
+
+    def handle_for(self, role: str | None) -> Any:
+        """The deployment that serves `role`: the frozen snapshot for a frozen role, else the live policy."""
+        return self.frozen_handle if role in self.frozen_agents else self.handle
 
     async def model_info(self) -> dict[str, Any]:
-        try:
-            return await self.handle.model_info.remote()
-        except Exception as err:
-            raise engine_error(err) from err
+        """What the live deployment serves; with frozen roles, checks the snapshot serves the same model."""
+        info = await _model_info(self.handle)
+        if self.frozen_agents:
+            frozen = await _model_info(self.frozen_handle)
+            if (frozen["model"], frozen["model_dir"]) != (info["model"], info["model_dir"]):
+                raise GatewayError(
+                    503,
+                    f"the frozen deployment serves {frozen['model_dir']}, the live one {info['model_dir']}: "
+                    "rollout.frozen_agents needs a snapshot of the same model",
+                )
+        return info
 
     async def generate(
-        self, rollout_id: str, prompt_ids: list[int], sampling: dict[str, Any]
+        self, rollout_id: str, prompt_ids: list[int], sampling: dict[str, Any], role: str | None = None
     ) -> dict[str, Any]:
+        handle = self.handle_for(role).options(session_id=rollout_id)
         try:
-            return await self.handle.options(session_id=rollout_id).generate.remote(prompt_ids, sampling)
+            return await handle.generate.remote(prompt_ids, sampling)
         except Exception as err:
             raise engine_error(err) from err
 
-    def stream(self, rollout_id: str, prompt_ids: list[int], sampling: dict[str, Any]) -> EngineStream:
-        handle = self.handle.options(session_id=rollout_id, stream=True)
+    def stream(
+        self, rollout_id: str, prompt_ids: list[int], sampling: dict[str, Any], role: str | None = None
+    ) -> EngineStream:
+        handle = self.handle_for(role).options(session_id=rollout_id, stream=True)
         return EngineStream(handle.generate_stream.remote(prompt_ids, sampling))
+
+
+async def _model_info(handle: Any) -> dict[str, Any]:
+    try:
+        return await handle.model_info.remote()
+    except Exception as err:
+        raise engine_error(err) from err
 
 
 class EngineStream:

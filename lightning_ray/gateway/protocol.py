@@ -101,13 +101,38 @@ class SamplingRequest(_Request):
         return bool((self.stream_options or {}).get("include_usage"))
 
 
+TOOL_CHOICE_MODES = ("none", "auto", "required")
+NAMED_TOOL_CHOICE = '{"type": "function", "function": {"name": "..."}}'
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice_shape(cls, choice: Any) -> Any:
+        if choice is None or choice in TOOL_CHOICE_MODES or _named_function(choice) is not None:
+            return choice
+        raise ValueError(f'use "none", "auto", "required" or {NAMED_TOOL_CHOICE}')
+
+    def forced_function(self) -> str | None:
+        """The function a named `tool_choice` forces the model to call, else None."""
+        return _named_function(self.tool_choice)
+
+
+def _named_function(choice: Any) -> str | None:
+    """The name in `{"type": "function", "function": {"name": name}}`, or None if `choice` is not that."""
+    if not isinstance(choice, dict) or choice.get("type") != "function":
+        return None
+    function = choice.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    return name if isinstance(name, str) and name else None
 
 
 class CompletionRequest(SamplingRequest):

@@ -15,6 +15,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from lightning_ray.gateway.calls import Call, Generation, token_texts, usage
+from lightning_ray.gateway.tools import Reply
 
 POLICY_VERSION_HEADER = "X-Policy-Version"
 
@@ -31,15 +32,13 @@ class Formatter(ABC):
         self.id = self.id_prefix + secrets.token_hex(12)
         self.created = int(time.time())
 
-    def body(
-        self, gen: Generation, text: str | None, tool_calls: list[dict[str, Any]] | None = None
-    ) -> dict[str, Any]:
-        """The whole answer; with tool calls, `finish_reason` is "tool_calls" (the recorded one stays the
-        engine's)."""
-        content = self._content(text, final=True)
-        if tool_calls:
-            content["message"]["tool_calls"] = tool_calls
-        finish = "tool_calls" if tool_calls else gen.finish_reason
+    def body(self, gen: Generation, reply: Reply) -> dict[str, Any]:
+        """The whole answer; the reply may override `finish_reason` (e.g. "tool_calls"; the recorded one stays
+        the engine's)."""
+        content = self._content(reply.content, final=True)
+        if reply.tool_calls:
+            content["message"]["tool_calls"] = reply.tool_calls
+        finish = reply.finish_reason_override or gen.finish_reason
         choice = {"index": 0, **content, "finish_reason": finish}
         choice["logprobs"] = self._logprobs(gen.response_ids, gen.response_logprobs)
         return self._envelope(self.object_name, [choice], gen.policy_version, usage=usage(self.call, gen))

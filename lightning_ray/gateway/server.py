@@ -109,12 +109,16 @@ async def start_gateway(
     sampling: SamplingConfig | dict[str, Any] | None = None,
     manage_rollouts: bool = False,
     tool_parser: str | None = None,
+    frozen_handle: Any | None = None,
 ) -> Gateway:
     """Start a gateway in the running event loop; returns once it accepts connections.
 
-    config: a whole `Config` (gateway section, sampling defaults `inference.sampling` and `model.chat_template`
-        are taken from it) or just a `GatewayConfig` (host, port, auth_token, max_request_bytes).
+    config: a whole `Config` (gateway section, sampling defaults `inference.sampling`, `model.chat_template` and
+        `rollout.frozen_agents` are taken from it) or just a `GatewayConfig` (host, port, auth_token,
+        max_request_bytes).
     handle: the InferenceServer deployment handle; looked up by name when omitted (needs Ray and Serve up).
+    frozen_handle: the frozen snapshot's deployment that serves the roles in `rollout.frozen_agents`; looked up
+        by name (`FROZEN_APP_NAME`) when omitted and the config names frozen roles.
     tokenizer: a tokenizer or its folder; default: the engine's `model_dir`.
     chat_template: a Jinja file replacing the tokenizer's template (overrides the config's).
     sampling: defaults for temperature/top_p/top_k/max_tokens where a request leaves them out.
@@ -127,7 +131,8 @@ async def start_gateway(
         tool_parser = config.model.tool_parser
     if not is_loopback(gw_cfg.host) and not gw_cfg.auth_token:
         raise ValueError(f"gateway.host={gw_cfg.host!r} is not loopback: set gateway.auth_token")
-    engine = Engine(handle)
+    frozen_agents = config.rollout.frozen_agents if isinstance(config, Config) else []
+    engine = Engine(handle, frozen_agents=frozen_agents, frozen_handle=frozen_handle)
     info = await engine.model_info()
     tok = tokenizer if isinstance(tokenizer, PreTrainedTokenizerBase) else None
     if tok is None:

@@ -9,16 +9,29 @@
 - Round trip: each tool call id handed out is remembered with the exact text the model generated. When the
   client sends that assistant message back (`tool_calls` with those ids), it is rendered as that text, so the
   next prompt starts with the previous prompt + the generated ids and the splice in `render.py` reuses them.
-- Streaming: content is streamed up to where a tool call may start (the parser's start tag); tool calls are
-  parsed from the full text when generation ends and sent as one delta each (id, name, whole arguments).
+- `tool_choice` follows OpenAI's semantics the way vLLM's server implements them. "auto" (the default with
+  tools): the model's free text is parsed. "none": tools are still rendered into the prompt (vLLM's default) but
+  the text is never parsed into calls. "required" and a named function constrain generation with a JSON schema
+  built from the tools (vLLM structured outputs, passed to the engine as sampling `json_schema`; the engine also
+  bounds runs of whitespace, see `inference/server.py`): for "required" an array of `{"name", "parameters"}`
+  objects, one per call (at most one with `parallel_tool_calls: false`); for a named function its arguments
+  object. A schema xgrammar cannot compile is a 400 naming `tools`. The constrained text is read as exactly
+  those calls; text that does not parse (cut by max_tokens) is returned as content, without tool calls.
+- Streaming: content is streamed up to where a tool call may start (the parser's start tag; under a constraint
+  the whole text is the call, so nothing); tool calls are parsed from the full text when generation ends and sent
+  as one delta each (id, name, whole arguments).
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import re
+import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
 
@@ -92,18 +105,146 @@ def restore_generated(messages: list[dict[str, Any]], generated: dict[str, str])
 
 @dataclass
 class Reply:
-    """The assistant's answer as the client sees it."""
+    """The assistant's answer as the client sees it; `finish_reason_override` replaces the engine's finish
+    reason ("tool_calls" when "auto" or "required" produced calls; a named function keeps "stop", as OpenAI does)."""
 
     content: str | None
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason_override: str | None = None
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """What a request lets the model do with its tools; `function` is set for mode "function" only."""
+
+    mode: Literal["none", "auto", "required", "function"]
+    function: str | None = None
 
     @property
-    def finish_reason_override(self) -> str | None:
-        return "tool_calls" if self.tool_calls else None
+    def constrained(self) -> bool:
+        """Whether generation is constrained to tool calls (the whole answer is the call)."""
+        return self.mode in ("required", "function")
+
+
+def tool_choice(req: ChatCompletionRequest) -> ToolChoice:
+    """The request's `tool_choice` checked against its tools; unset means "auto" with tools, "none" without."""
+    choice, forced = req.tool_choice, req.forced_function()
+    if choice is None:
+        return ToolChoice("auto" if req.tools else "none")
+    if (choice == "required" or forced is not None) and not req.tools:
+        raise GatewayError(400, "tool_choice requires tools: none are offered", param="tool_choice")
+    if forced is None:
+        return ToolChoice(choice)
+    names = [_function_of(tool).get("name") for tool in req.tools or []]
+    if forced not in names:
+        raise GatewayError(
+            400,
+            f"invalid field 'tool_choice.function.name': {forced!r} is not one of the tools offered "
+            f"({', '.join(repr(n) for n in names)})",
+            param="tool_choice.function.name",
+        )
+    return ToolChoice("function", forced)
+
+
+def _function_of(tool: dict[str, Any]) -> dict[str, Any]:
+    """The `function` object of an OpenAI tool (empty when malformed; vLLM's validation names the problem)."""
+    function = tool.get("function") if isinstance(tool, dict) else None
+    return function if isinstance(function, dict) else {}
+
+
+def constraint_schema(
+    tools: list[dict[str, Any]], choice: ToolChoice, parallel_tool_calls: bool | None = None
+) -> dict[str, Any] | None:
+    """The JSON schema generation must follow under `choice`, or None when it is free.
+
+    The same shapes as vLLM's server: a named function's arguments object; for "required" a non-empty array
+    of `{"name": <one tool's name>, "parameters": <its arguments>}`. `$defs` inside the tools' parameters move to
+    the array's root, where their `#/$defs/...` references resolve.
+    """
+    if choice.mode == "function":
+        function = next(_function_of(t) for t in tools if _function_of(t).get("name") == choice.function)
+        return _arguments_schema(function.get("parameters"))
+    if choice.mode != "required":
+        return None
+    items, defs = [], {}
+    for tool in tools:
+        function = _function_of(tool)
+        parameters = copy.deepcopy(function.get("parameters") or {})
+        _merge_defs(defs, parameters.pop("$defs", {}), function.get("name"))
+        items.append(
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "enum": [function.get("name")]},
+                    "parameters": _arguments_schema(parameters),
+                },
+                "required": ["name", "parameters"],
+            }
+        )
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": items}}
+    if parallel_tool_calls is False:
+        schema["maxItems"] = 1
+    if defs:
+        schema["$defs"] = defs
+    return schema
+
+
+def _arguments_schema(parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """A tool's parameters schema; a tool without parameters still takes a JSON object."""
+    return parameters if parameters else {"type": "object", "properties": {}}
+
+
+def _merge_defs(into: dict[str, Any], defs: Any, tool_name: Any) -> None:
+    if not isinstance(defs, dict):
+        raise GatewayError(400, f"tool {tool_name!r}: parameters.$defs must be an object", param="tools")
+    for name, schema in defs.items():
+        if into.setdefault(name, schema) != schema:
+            raise GatewayError(
+                400,
+                f"tool {tool_name!r}: parameters.$defs.{name} differs from another tool's definition of it; "
+                "tool_choice 'required' needs one schema per name",
+                param="tools",
+            )
+
+
+def _check_grammar(schema: dict[str, Any]) -> None:
+    """A schema the engine's grammar backend (xgrammar) cannot compile is the request's fault: 400, not 502."""
+    import xgrammar
+
+    try:
+        xgrammar.Grammar.from_json_schema(json.dumps(schema))
+    except Exception as err:
+        raise GatewayError(
+            400, f"the tools' parameters cannot constrain generation: {_xgrammar_reason(err)}", param="tools"
+        ) from err
+
+
+_XGRAMMAR_LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[01:07:21] /project/cpp/x.cc:83: "
+
+
+def _xgrammar_reason(err: Exception) -> str:
+    """xgrammar's message without its time and source location prefix."""
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    return _XGRAMMAR_LOCATION.sub("", lines[0])
+
+
+def tool_call_parser(
+    parser_name: str, tokenizer: PreTrainedTokenizerBase, req: ChatCompletionRequest
+) -> ToolCallParser | None:
+    """The call's tool handling; None when the request offers no tools (`tool_choice` is still checked: without
+    tools only "auto" and "none" are valid)."""
+    if not req.tools:
+        tool_choice(req)
+        return None
+    return ToolCallParser(load_parser_class(parser_name), tokenizer, req)
 
 
 class ToolCallParser:
-    """One call's parser: vLLM's parser over the request's tools."""
+    """One call's tool handling: the constraint for the engine and the reading of the answer into tool calls.
+
+    "auto" answers are parsed by vLLM's parser over the request's tools; constrained answers are JSON by
+    construction and read directly.
+    """
 
     def __init__(self, parser_class: type, tokenizer: PreTrainedTokenizerBase, req: ChatCompletionRequest):
         from vllm.entrypoints.openai.chat_completion.protocol import (
@@ -116,32 +257,67 @@ class ToolCallParser:
                     "model": req.model or "model",
                     "messages": [],
                     "tools": req.tools,
-                    "tool_choice": _choice(req),
+                    "tool_choice": "none" if req.tool_choice == "none" else "auto",
                 }
             )
         except Exception as err:
             raise GatewayError(400, f"invalid tools: {err}", param="tools") from err
+        self.choice = tool_choice(req)
+        self.schema = constraint_schema(req.tools or [], self.choice, req.parallel_tool_calls)
+        if self.schema is not None:
+            _check_grammar(self.schema)
         self.parser = parser_class(tokenizer, self.request.tools)
-        self.enabled = req.tool_choice != "none"
         self.start_tag: str | None = getattr(self.parser, "tool_call_start_token", None)
 
+    def sampling(self) -> dict[str, Any]:
+        """What the engine's sampling needs for this choice: the JSON schema of a constrained answer."""
+        return {} if self.schema is None else {"json_schema": self.schema}
+
     def parse(self, text: str) -> Reply:
-        if not self.enabled:
+        if self.choice.mode == "none":
             return Reply(content=text)
+        if self.choice.constrained:
+            return self._read_constrained(text)
         info = self.parser.extract_tool_calls(text, self.request)
         if not info.tools_called:
             return Reply(content=text)
         calls = [c.model_dump(exclude_none=True) for c in info.tool_calls]
-        return Reply(content=info.content, tool_calls=calls)
+        return Reply(content=info.content, tool_calls=calls, finish_reason_override="tool_calls")
+
+    def _read_constrained(self, text: str) -> Reply:
+        """The calls in a constrained answer; an answer that is not complete JSON (cut short) stays content."""
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return Reply(content=text)
+        if self.choice.mode == "function":
+            return Reply(content=None, tool_calls=[_tool_call(self.choice.function, value)])
+        if not _is_call_list(value):
+            return Reply(content=text)
+        calls = [_tool_call(item["name"], item["parameters"]) for item in value]
+        return Reply(content=None, tool_calls=calls, finish_reason_override="tool_calls")
 
     def streamer(self) -> ContentStreamer:
-        return ContentStreamer(self.start_tag if self.enabled else None, buffer_all=self.enabled)
+        if self.choice.mode == "none":
+            return ContentStreamer(None, buffer_all=False)
+        return ContentStreamer(None if self.choice.constrained else self.start_tag, buffer_all=True)
 
 
-def _choice(req: ChatCompletionRequest) -> str | dict[str, Any]:
-    """vLLM applies guided decoding for `required`/named choices; here the model's free output is parsed."""
-    choice = req.tool_choice
-    return "auto" if choice is None or choice != "none" else "none"
+def _is_call_list(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(v, dict) and isinstance(v.get("name"), str) and "parameters" in v for v in value)
+    )
+
+
+def _tool_call(name: str | None, arguments: Any) -> dict[str, Any]:
+    """An OpenAI tool call, shaped and named like the ones vLLM's parsers produce."""
+    return {
+        "id": f"chatcmpl-tool-{secrets.token_hex(8)}",
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+    }
 
 
 class ContentStreamer:

@@ -8,10 +8,11 @@ produced by a mix of two policies.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,16 @@ from ray.serve.config import RequestRouterConfig
 from lightning_ray.config import InferenceConfig, ModelConfig
 
 APP_NAME = "lightning-ray-inference"
+# The starting policy for `rollout.frozen_agents`: the same model as APP_NAME, never sent new weights.
+FROZEN_APP_NAME = "lightning-ray-inference-frozen"
 DEPLOYMENT_NAME = "InferenceServer"
 STICKY_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_tokens", "stop", "seed")
+# `json_schema`: the answer must be JSON of this schema (vLLM structured outputs), e.g. for tool_choice "required"
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_tokens", "stop", "seed", "json_schema")
+# Whitespace characters a constrained JSON answer may hold in a row: room for `": "` or a newline and an indent,
+# but no room for a degenerate policy (a random model, a collapsed one) to spend max_tokens on whitespace, which the
+# plain JSON grammar allows without bound (vLLM bounds it only through a structural tag).
+JSON_MAX_WHITESPACE = 4
 
 
 def engine_env(inference: InferenceConfig) -> dict[str, str]:
@@ -48,6 +56,8 @@ def _sampling_params(sampling: dict[str, Any], stream: bool):
     if unknown:
         raise ValueError(f"unknown sampling keys: {sorted(unknown)}")
     params = {k: v for k, v in sampling.items() if v is not None}
+    if "json_schema" in params:
+        params["structured_outputs"] = _json_constraint(params.pop("json_schema"))
     return SamplingParams(
         **params,
         n=1,
@@ -55,6 +65,15 @@ def _sampling_params(sampling: dict[str, Any], stream: bool):
         detokenize=bool(params.get("stop")),
         output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
     )
+
+
+def _json_constraint(schema: dict[str, Any]):
+    """vLLM structured outputs for JSON of `schema`, whitespace runs bounded by `JSON_MAX_WHITESPACE`."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    json_format = {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": JSON_MAX_WHITESPACE}
+    tag = {"type": "structural_tag", "format": json_format}
+    return StructuredOutputsParams(structural_tag=json.dumps(tag))
 
 
 class InferenceServer:
@@ -159,23 +178,17 @@ class InferenceServer:
         finally:
             self._release()
 
-    async def update_weights(self, state: list[ray.ObjectRef], version: int) -> dict[str, Any]:
-        """Replace the weights with the state dict behind `state[0]` (wrapped in a list so Ray does not resolve
-        it in the caller), drain in-flight requests first, and serve `version` afterwards."""
-        from lightning_ray.inference.weights import write_shared
-
+    async def _swap_weights(self, load: Callable[[], Awaitable[list[int]]], version: int) -> dict[str, Any]:
+        """One in-place weight update behind the admission gate: close it, wait for in-flight requests
+        (drain), run `load` (it returns each worker's tensor count), reset the prefix cache, serve `version`,
+        reopen. Updates run one at a time."""
         async with self._update_lock:
             t0 = time.perf_counter()
             self._open.clear()
             try:
                 await self._drained.wait()
                 t_drain = time.perf_counter() - t0
-                weights = await state[0]
-                path = write_shared(weights, tag=f"{self.replica}-v{version}")
-                try:
-                    counts = await self.engine.collective_rpc("reload_from_file", args=(str(path),))
-                finally:
-                    path.unlink(missing_ok=True)
+                counts = await load()
                 await self.engine.reset_prefix_cache()
                 self.version = version
             finally:
@@ -187,6 +200,61 @@ class InferenceServer:
             "drain_s": t_drain,
             "total_s": time.perf_counter() - t0,
         }
+
+    async def update_weights(self, state: list[ray.ObjectRef], version: int) -> dict[str, Any]:
+        """Replace the weights with the state dict behind `state[0]` (wrapped in a list so Ray does not resolve
+        it in the caller), drain in-flight requests first, and serve `version` afterwards."""
+        from lightning_ray.inference.weights import write_shared
+
+        async def load() -> list[int]:
+            weights = await state[0]
+            path = write_shared(weights, tag=f"{self.replica}-v{version}")
+            try:
+                return await self.engine.collective_rpc("reload_from_file", args=(str(path),))
+            finally:
+                path.unlink(missing_ok=True)
+
+        return await self._swap_weights(load, version)
+
+    # Collective weight sync (`inference.weight_sync: collective`, driven by lightning_ray.weight_sync): every
+    # vLLM worker of this engine is a rank of a process group whose rank 0 is learner rank 0.
+
+    async def weight_group_status(self, backend: str) -> dict[str, Any]:
+        """This replica's weight group (None unless all its workers are in the same one), how many vLLM workers
+        it has (one rank each) and the GPUs they would use under `backend`."""
+        workers = await self.engine.collective_rpc("weight_group_status", args=(backend,))
+        ids = {(w["group_id"], w["world_size"]) for w in workers}
+        group_id, world_size = ids.pop() if len(ids) == 1 else (None, None)
+        return {
+            "replica": self.replica,
+            "group_id": group_id,
+            "world_size": world_size,
+            "workers": len(workers),
+            "devices": [w["device"] for w in workers],
+        }
+
+    async def join_weight_group(self, spec: dict[str, Any], rank_offsets: dict[str, int]) -> str:
+        """Join the weight group `spec`, this replica's workers from rank `rank_offsets[replica]` on; returns
+        once every rank joined (or fails after the group's timeout)."""
+        if self.replica not in rank_offsets:
+            raise RuntimeError(
+                f"replica {self.replica} was not counted when weight group {spec['group_id']} was sized "
+                "(it started in the meantime); the next update rebuilds the group"
+            )
+        await self.engine.collective_rpc("join_weight_group", args=(spec, rank_offsets[self.replica]))
+        return spec["group_id"]
+
+    async def receive_weights(self, group_id: str, version: int) -> dict[str, Any]:
+        """Like `update_weights`, with the tensors broadcast by learner rank 0 through weight group `group_id`
+        (the learner's send must run concurrently)."""
+
+        async def load() -> list[int]:
+            return await self.engine.collective_rpc("receive_weights", args=(group_id,))
+
+        return await self._swap_weights(load, version)
+
+    async def close_weight_group(self) -> None:
+        await self.engine.collective_rpc("close_weight_group")
 
     async def weights_checksum(self) -> str:
         return (await self.engine.collective_rpc("weights_checksum"))[0]
@@ -235,6 +303,8 @@ def inference_app(model_dir: str | Path, model: ModelConfig, inference: Inferenc
         "request_router_config": RequestRouterConfig(request_router_class=STICKY_ROUTER),
         "health_check_period_s": 10,
         "health_check_timeout_s": 60,
+        # Serve's access log writes a line per request: thousands per training step in the driver's terminal.
+        "logging_config": {"enable_access_log": False},
     }
     if inference.tensor_parallel_size > 1:
         # vLLM places its TP workers in the replica's placement group; the replica itself needs no GPU.
@@ -250,16 +320,16 @@ def inference_app(model_dir: str | Path, model: ModelConfig, inference: Inferenc
 
 
 def deploy_inference(
-    model_dir: str | Path, model: ModelConfig, inference: InferenceConfig
+    model_dir: str | Path, model: ModelConfig, inference: InferenceConfig, app_name: str = APP_NAME
 ) -> serve.handle.DeploymentHandle:
-    """Start Serve without its HTTP proxy (the gateway is our HTTP front) and deploy the engines; blocks until
-    every replica is healthy."""
+    """Start Serve without its HTTP proxy (the gateway is our HTTP front) and deploy the engines as the Serve app
+    `app_name`; blocks until every replica is healthy."""
     serve.start(http_options={"location": "NoServer"})
-    return serve.run(inference_app(model_dir, model, inference), name=APP_NAME, route_prefix=None)
+    return serve.run(inference_app(model_dir, model, inference), name=app_name, route_prefix=None)
 
 
-def inference_handle() -> serve.handle.DeploymentHandle:
-    return serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP_NAME)
+def inference_handle(app_name: str = APP_NAME) -> serve.handle.DeploymentHandle:
+    return serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name)
 
 
 def broadcast_weights(state_ref: ray.ObjectRef, version: int, handle=None) -> list[dict[str, Any]]:

@@ -129,6 +129,31 @@ class LearnerGroup:
         `lm_head.weight`), as in a `save_pretrained` folder; a consumer re-ties the output layer."""
         return self._call("state_dict_ref")[0]
 
+    # Collective weight sync (see lightning_ray.weight_sync): learner rank 0 is rank 0 of the weight group.
+
+    def open_weight_group(self, world_size: int, backend: str, timeout_s: float) -> dict[str, Any]:
+        """A new weight group hosted by rank 0 (its old one left); returns the spec the vLLM workers join."""
+        return ray.get(self.workers[0].open_weight_group.remote(world_size, backend, timeout_s))
+
+    def join_weight_group(self) -> ray.ObjectRef:
+        """Rank 0 joins as rank 0; the ref resolves once every vLLM worker joined too (start theirs after)."""
+        return self.workers[0].join_weight_group.remote()
+
+    def weight_group_spec(self) -> dict[str, Any] | None:
+        return ray.get(self.workers[0].weight_group_spec.remote())
+
+    def weight_device_identity(self, backend: str) -> str | None:
+        """Rank 0's GPU (UUID) under NCCL, None under gloo."""
+        return ray.get(self.workers[0].weight_device_identity.remote(backend))
+
+    def send_weights(self) -> list[ray.ObjectRef]:
+        """Start the broadcast of the weights into the weight group; every rank takes part (ZeRO-3 gathers),
+        rank 0's ref resolves to its byte and tensor counts. The receivers must be started concurrently."""
+        return [w.send_weights.remote() for w in self.workers]
+
+    def close_weight_group(self) -> None:
+        ray.get(self.workers[0].close_weight_group.remote())
+
     def save_checkpoint(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """HF folder + DeepSpeed state under `path` (must be visible to every rank's node)."""
         self._call("save_checkpoint", str(path), extra)

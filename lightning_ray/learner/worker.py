@@ -27,6 +27,7 @@ import torch
 from lightning_ray.algorithms.losses import loss_denominator, policy_loss, token_entropy, token_logprobs
 from lightning_ray.config import AlgorithmConfig, LearnerConfig
 from lightning_ray.learner.batch import padding_batch, split_micro_batches, table_to_batch
+from lightning_ray.weight_group import GroupSpec, WeightGroup, device_identity, host_store, new_spec
 
 SHM_COMM_OP = "deepspeed_shm_comm"  # deepspeed.ops.op_builder.cpu.ShareMemCommBuilder.NAME
 CHECKPOINT_MARKER = "lightning_ray_checkpoint.json"
@@ -132,9 +133,15 @@ def _lora_merge(named: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[
 
 
 def gather_hf_state_dict(
-    module: torch.nn.Module, zero_stage: int, rank: int
+    module: torch.nn.Module,
+    zero_stage: int,
+    rank: int,
+    device: torch.device | str = "cpu",
+    copy: bool = True,
 ) -> dict[str, torch.Tensor] | None:
-    """Full weights with Hugging Face names, on CPU, on rank 0 (None elsewhere). Collective under ZeRO-3.
+    """Full weights with Hugging Face names, copied to `device` (CPU by default), on rank 0 (None elsewhere).
+    Collective under ZeRO-3. `copy=False` lets tensors already on `device` share the live parameters' storage
+    (ZeRO 0-2; a ZeRO-3 gather is always copied): only for a consumer done with them before the next step.
 
     Names follow `save_pretrained`: a weight tied to another appears once, under its first name, so for
     SmolLM2 (tie_word_embeddings) there is `model.embed_tokens.weight` and no `lm_head.weight`. LoRA factors
@@ -148,15 +155,15 @@ def gather_hf_state_dict(
         for name, param in params:
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
                 if rank == 0:
-                    named[name] = param.data.detach().to("cpu", copy=True).contiguous()
+                    named[name] = param.data.detach().to(device, copy=True).contiguous()
     elif rank == 0:
-        named = {name: param.data.detach().to("cpu", copy=True).contiguous() for name, param in params}
+        named = {name: param.data.detach().to(device, copy=copy).contiguous() for name, param in params}
     if rank != 0:
         return None
     persistent = set(module.state_dict(keep_vars=True))  # buffers saved by save_pretrained (none in Llama)
     for name, buf in module.named_buffers():
         if name in persistent:
-            named[name] = buf.detach().to("cpu", copy=True).contiguous()
+            named[name] = buf.detach().to(device, copy=copy).contiguous()
     if hasattr(module, "peft_config"):
         return _lora_merge(named, module)
     return named
@@ -175,6 +182,9 @@ class LearnerWorker:
         self.pad_id = 0
         self.optimizer_steps = 0
         self._grad_norm = float("nan")
+        self.weight_group: WeightGroup | None = None  # rank 0 only: the collective path to the vLLM workers
+        self._weight_store: torch.distributed.TCPStore | None = None
+        self._weight_spec: GroupSpec | None = None
 
     # ---------------------------------------------------------------- setup
 
@@ -428,6 +438,57 @@ class LearnerWorker:
 
         state = self.state_dict()
         return ray.put(state) if state is not None else None
+
+    # ---------------------------------------------------------------- collective weight sync (rank 0)
+
+    def open_weight_group(self, world_size: int, backend: str, timeout_s: float) -> dict[str, Any]:
+        """Host the rendezvous of a new weight group (leaving any old one); returns its spec for the vLLM
+        workers. Returns at once: `join_weight_group` then blocks until they have all joined."""
+        import ray
+
+        self.close_weight_group()
+        host = ray.util.get_node_ip_address()
+        self._weight_store = host_store(host, timeout_s)
+        self._weight_spec = new_spec(self._weight_store, host, world_size, backend, timeout_s)
+        return self._weight_spec.as_dict()
+
+    def join_weight_group(self) -> str:
+        """Join the group opened by `open_weight_group` as its rank 0; returns the group id."""
+        if self._weight_spec is None:
+            raise RuntimeError("join_weight_group before open_weight_group")
+        self.weight_group = WeightGroup(self._weight_spec, 0, self._weight_store)
+        return self.weight_group.group_id
+
+    def weight_group_spec(self) -> dict[str, Any] | None:
+        """The spec of the group this rank has joined (None when it has none)."""
+        return self.weight_group.spec.as_dict() if self.weight_group is not None else None
+
+    def weight_device_identity(self, backend: str) -> str | None:
+        return device_identity(backend)
+
+    def send_weights(self) -> dict[str, int] | None:
+        """Broadcast the HF-named weights into the weight group from rank 0; None on other ranks.
+
+        Collective under ZeRO-3 (every rank takes part in the gathers), so the group calls it on all ranks.
+        On a failure rank 0 leaves the group: the driver builds a new one for the next update."""
+        group = self.weight_group
+        device = group.device if group is not None else "cpu"
+        # No copy: the broadcast has finished with the tensors before this actor can take another step.
+        state = gather_hf_state_dict(self.engine.module, self.cfg.zero_stage, self.rank, device, copy=False)
+        if state is None:
+            return None
+        if group is None:
+            raise RuntimeError("learner rank 0 is in no weight group: the driver must build one first")
+        try:
+            return group.send(state)
+        except BaseException:
+            self.close_weight_group()
+            raise
+
+    def close_weight_group(self) -> None:
+        if self.weight_group is not None:
+            self.weight_group.close()
+        self.weight_group, self._weight_store, self._weight_spec = None, None, None
 
     def save_checkpoint(self, path: str, extra: dict[str, Any] | None = None) -> None:
         """Write an HF model folder (weights, config, tokenizer) plus the DeepSpeed engine state

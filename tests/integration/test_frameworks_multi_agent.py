@@ -1,17 +1,23 @@
 """The multi-agent example (solver + checker, OpenAI Agents SDK) through real rollout workers on the tiny model:
 roles come from the route, `rollout.train_agents` selects whose calls train, and each trained call carries its
-rollout's reward."""
+rollout's reward. With `rollout.frozen_agents`, the rollout stack serves the checker from a frozen snapshot."""
 
 from __future__ import annotations
 
 import pyarrow.compute as pc
+import pytest
 import ray
+import torch
+from ray import serve
+from safetensors.torch import load_file
 
 from lightning_ray.algorithms.advantages import rollout_rewards
 from lightning_ray.data.merge import merge_prefix_turns, select_trained_calls
 from lightning_ray.gateway.render import decode
+from lightning_ray.inference.server import APP_NAME, FROZEN_APP_NAME, broadcast_weights, deploy_inference
 from lightning_ray.models import builtin_tokenizer_dir
 from lightning_ray.rollouts.collect import collect_batch
+from lightning_ray.rollouts.run import start_rollout_stack, stop_rollout_stack
 from lightning_ray.rollouts.worker import start_rollout_workers
 from lightning_ray.tasks.actor import task_pool_from_config
 
@@ -68,3 +74,38 @@ def test_solver_and_checker_roles_and_trained_selection(inference, tiny_config):
     # Merging never joins calls of different roles.
     merged = merge_prefix_turns(table)
     assert merged.num_rows >= 2 * len(rollouts) and set(merged["agent"].to_pylist()) == {"solver", "checker"}
+
+
+@pytest.fixture
+def own_rollout_stack(inference, tiny_model_dir, tiny_config):
+    """`start/stop_rollout_stack` redeploy and delete the live app too: put the session's tiny one back after
+    (and never leave a frozen app behind, even if the test failed before stopping the stack)."""
+    yield
+    serve.delete(FROZEN_APP_NAME)
+    deploy_inference(tiny_model_dir, tiny_config.model, tiny_config.inference)
+
+
+def test_frozen_checker_through_the_rollout_stack(own_rollout_stack, tiny_config, tiny_model_dir):
+    """As the train loop runs it: the stack deploys the frozen app, a broadcast moves only the live policy on,
+    the checker's calls stay at policy version 0, and stopping the stack deletes both apps."""
+    cfg = multi_agent_config(tiny_config)
+    cfg.rollout.frozen_agents = ["checker"]
+    inference, pool, workers = start_rollout_stack(cfg)
+    try:
+        assert {APP_NAME, FROZEN_APP_NAME} <= set(serve.status().applications)
+        original = load_file(str(tiny_model_dir / "model.safetensors"))
+        broadcast_weights(
+            ray.put({k: v + 0.1 * torch.randn_like(v) for k, v in original.items()}), 1, inference
+        )
+        batch = collect_batch(pool, workers, 2, progress=False)
+    finally:
+        stop_rollout_stack(workers, [pool])
+    assert not {APP_NAME, FROZEN_APP_NAME} & set(serve.status().applications)
+
+    rollouts = batch.rollouts.to_pylist()
+    assert len(rollouts) == 4 and all(r["status"] == "succeeded" for r in rollouts), rollouts
+    calls = batch.transitions.to_pylist()
+    versions = {(c["agent"], c["policy_version"]) for c in calls}
+    assert versions == {("solver", 1), ("checker", 0)}, versions
+    trained = select_trained_calls(batch.transitions, cfg.rollout.train_agents)
+    assert set(trained["agent"].to_pylist()) == {"solver"}

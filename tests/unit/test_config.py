@@ -82,6 +82,28 @@ def test_more_gpus_than_the_cluster_fails_before_start(tmp_path):
         check_resources(cfg, {"CPU": 8})
 
 
+def test_frozen_agents_default_empty_and_disjoint_from_trained(tmp_path):
+    assert load_config(None, check_files=False).rollout.frozen_agents == []
+    text = "rollout: {train_agents: [solver], frozen_agents: [checker]}\n"
+    cfg = load_config(write(tmp_path, text), check_files=False)
+    assert (cfg.rollout.train_agents, cfg.rollout.frozen_agents) == (["solver"], ["checker"])
+    both = write(tmp_path, "rollout: {train_agents: [solver, checker], frozen_agents: [checker]}\n")
+    with pytest.raises(
+        ConfigError, match=r"run.yaml:\n  rollout: .*frozen_agents and train_agents both name"
+    ):
+        load_config(both, check_files=False)
+    with pytest.raises(ConfigError, match=r"rollout: .*frozen_agents=\['checker'\] needs train_agents"):
+        load_config(None, ["rollout.frozen_agents=[checker]"], check_files=False)  # unset trains every role
+
+
+def test_frozen_snapshot_counts_as_a_second_deployment():
+    sizes = ["inference.num_cpus_per_replica=2", "rollout.num_workers=1", "rollout.num_cpus_per_worker=1"]
+    check_resources(load_config(None, sizes, check_files=False), {"CPU": 4})
+    frozen = [*sizes, "rollout.train_agents=[solver]", "rollout.frozen_agents=[checker]"]
+    with pytest.raises(ConfigError, match="ask for 6 CPUs, the cluster has 4"):
+        check_resources(load_config(None, frozen, check_files=False), {"CPU": 4})
+
+
 def test_tensor_parallel_needs_gpus(tmp_path):
     with pytest.raises(ConfigError, match="tensor_parallel_size=2 needs num_gpus_per_replica"):
         load_config(write(tmp_path, "inference: {tensor_parallel_size: 2}\n"), check_files=False)

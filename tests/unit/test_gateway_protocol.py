@@ -16,6 +16,7 @@ from lightning_ray.gateway.protocol import (
 from lightning_ray.gateway.recorder import Recorder, UnknownRollout
 
 USER = [{"role": "user", "content": "hi"}]
+NAMED = {"type": "function", "function": {"name": "calculator"}}
 
 
 def error_of(model, body: dict) -> GatewayError:
@@ -41,6 +42,14 @@ def error_of(model, body: dict) -> GatewayError:
         ({"messages": USER, "temperature": "hot"}, "temperature", "number"),
         ({"messages": USER, "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
         ({"messages": USER, "stream": "yes please"}, "stream", "boolean"),
+        ({"messages": USER, "tool_choice": "always"}, "tool_choice", '"required"'),
+        ({"messages": USER, "tool_choice": {"type": "function"}}, "tool_choice", '"function": {"name"'),
+        (
+            {"messages": USER, "tool_choice": {"type": "function", "function": {"name": ""}}},
+            "tool_choice",
+            '"auto"',
+        ),
+        ({"messages": USER, "parallel_tool_calls": "maybe"}, "parallel_tool_calls", "boolean"),
     ],
 )
 def test_chat_errors_name_the_field(body, param, words):
@@ -49,6 +58,16 @@ def test_chat_errors_name_the_field(body, param, words):
     assert err.param == param
     assert words in err.message
     assert err.body()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("choice", "forced"),
+    [(None, None), ("none", None), ("auto", None), ("required", None), (NAMED, "calculator")],
+)
+def test_valid_tool_choices(choice, forced):
+    req = ChatCompletionRequest.model_validate({"messages": USER, "tool_choice": choice})
+    assert req.tool_choice == choice
+    assert req.forced_function() == forced
 
 
 def test_unknown_openai_parameters_pass():
