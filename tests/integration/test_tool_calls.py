@@ -20,19 +20,8 @@ import pytest
 from lightning_ray.gateway import start_gateway_thread
 from lightning_ray.gateway.render import decode, encode, render_chat
 from lightning_ray.gateway.tools import ToolChoice, constraint_schema, shipped_tools_template
+from tests.tools import CALC_TOOL
 
-CALC_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "calculator",
-        "description": "Evaluate an arithmetic expression.",
-        "parameters": {
-            "type": "object",
-            "properties": {"expression": {"type": "string"}},
-            "required": ["expression"],
-        },
-    },
-}
 # Enum-only arguments: a random model fills them within a few tokens (a free string could run to max_tokens).
 PICK_TOOL = {
     "type": "function",

@@ -18,19 +18,8 @@ from lightning_ray.gateway.tools import (
     template_for,
 )
 from lightning_ray.models import builtin_tokenizer_dir
+from tests.tools import CALC_TOOL
 
-CALC_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "calculator",
-        "description": "Evaluate an arithmetic expression.",
-        "parameters": {
-            "type": "object",
-            "properties": {"expression": {"type": "string"}},
-            "required": ["expression"],
-        },
-    },
-}
 QUESTION = [{"role": "user", "content": "What is 12 * 7?"}]
 GENERATED = (
     'Let me compute.\n<tool_call>\n{"name": "calculator", "arguments": {"expression": "12*7"}}\n</tool_call>'

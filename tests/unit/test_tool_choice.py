@@ -21,19 +21,8 @@ from lightning_ray.gateway.tools import (
 )
 from lightning_ray.inference.server import _sampling_params
 from lightning_ray.models import builtin_tokenizer_dir
+from tests.tools import CALC_TOOL
 
-CALC_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "calculator",
-        "description": "Evaluate an arithmetic expression.",
-        "parameters": {
-            "type": "object",
-            "properties": {"expression": {"type": "string"}},
-            "required": ["expression"],
-        },
-    },
-}
 CLOCK_TOOL = {"type": "function", "function": {"name": "clock", "description": "The time now."}}
 PICK_TOOL = {
     "type": "function",
