@@ -1,4 +1,4 @@
-"""Seconds per weight sync, learner -> vLLM replica, through the object store and through the collective group.
+"""Seconds per weight sync, learner -> vLLM replica: through the object store, the collective group and ipc handles.
 
     flock /tmp/lr-heavy.lock python -m benchmarks.weight_sync [--syncs 5] [--precisions float32,bfloat16]
 
@@ -7,9 +7,11 @@ and one DeepSpeed learner rank (ZeRO 0, 2 torch threads) per learner precision. 
 (`lightning_ray.weight_sync`): the learner's state dict gathered on rank 0, moved, loaded into vLLM (re-tie,
 lm_head re-pack, prefix-cache reset), version bumped. `object_store`: one `ray.put`, the replica writes it to
 /dev/shm and its worker reloads it. `collective`: a gloo process group between learner rank 0 and the vLLM
-worker, built once before the timed syncs (its set-up is reported apart). One warm-up sync per path, then
-`--syncs` timed syncs per path, alternating paths; after the last one both paths must leave bit-identical
-weights in vLLM (checksums). CPU only: no GPU here, so NCCL is not measured.
+worker, built once before the timed syncs (its set-up is reported apart). `ipc`: rank 0 packs the weights into
+shared-memory buffers and the vLLM worker maps them by handle (no copy through the object store or a file).
+One warm-up sync per path, then `--syncs` timed syncs per path, alternating paths; after the last one all
+paths must leave bit-identical weights in vLLM (checksums). CPU only: no GPU here, so neither NCCL nor CUDA IPC
+is measured.
 Writes benchmarks/results/weight_sync.json.
 """
 
@@ -27,7 +29,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 MODEL = "builtin:smollm2-135m-instruct"
 RESULT = Path(__file__).parent / "results" / "weight_sync.json"
-PATHS = ("object_store", "collective")
+PATHS = ("object_store", "collective", "ipc")
 
 
 def timed_sync(learners: Any, handle: Any, version: int, cfg: Any) -> tuple[float, list[dict[str, Any]]]:
@@ -84,18 +86,21 @@ def bench_precision(
                 if i > 0:
                     seconds[path].append(s)
                     results[path].append(r)
-        if checksums["object_store"] != checksums["collective"]:
-            raise AssertionError("the two paths left different weights in vLLM")
+        if len(set(checksums.values())) != 1:
+            raise AssertionError(f"the paths left different weights in vLLM: {checksums}")
         stats = {p: summary(seconds[p], results[p]) for p in PATHS}
         stats["collective"]["bytes"] = setup[0]["bytes"]
         stats["collective"]["buckets"] = setup[0]["buckets"]
         stats["collective"]["first_sync_incl_group_setup_s"] = round(first_collective_s, 3)
+        stats["ipc"]["bytes"] = results["ipc"][0][0]["bytes"]
+        stats["ipc"]["buffers"] = results["ipc"][0][0]["buffers"]
         return {
             "learner_precision": precision,
             **stats,
             "collective_vs_object_store": round(
                 stats["object_store"]["median_s"] / stats["collective"]["median_s"], 2
             ),
+            "ipc_vs_object_store": round(stats["object_store"]["median_s"] / stats["ipc"]["median_s"], 2),
         }
     finally:
         close_weight_sync(learners, handle)
@@ -143,10 +148,11 @@ def main(argv: list[str] | None = None) -> None:
         "inference": "1 vLLM-cpu replica, bf16, eager, 1 engine thread",
         "learner": "1 DeepSpeed rank, ZeRO 0, 2 torch threads",
         "collective_backend": "gloo (loopback TCP)",
+        "ipc_buffers": "host shared memory (torch file_system strategy)",
         "syncs_per_path": args.syncs,
         "engine_start_s": round(engine_start_s, 1),
         "runs": runs,
-        "machine": f"{os.cpu_count()} CPU cores, no GPU (NCCL path not measured)",
+        "machine": f"{os.cpu_count()} CPU cores, no GPU (NCCL and CUDA IPC paths not measured)",
         "loadavg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     for run in runs:
         print(
             f"learner {run['learner_precision']}: object_store {run['object_store']['median_s']:.2f} s/sync, "
-            f"collective {run['collective']['median_s']:.2f} s/sync (median of {args.syncs})"
+            f"collective {run['collective']['median_s']:.2f} s/sync, ipc {run['ipc']['median_s']:.2f} s/sync "
+            f"(median of {args.syncs})"
         )
     print(f"wrote {args.out}")
 

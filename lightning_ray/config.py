@@ -54,14 +54,17 @@ class InferenceConfig(Section):
     engine_threads: int = Field(1, gt=0, description="Compute threads of a CPU engine.")
     seed: int = 0
     sampling: SamplingConfig = SamplingConfig()
-    weight_sync: Literal["object_store", "collective"] = Field(
+    weight_sync: Literal["object_store", "collective", "ipc"] = Field(
         "object_store",
         description="How new weights reach every replica after a step. 'object_store': learner rank 0 puts "
         "one state dict in the Ray object store, each replica reloads it through shared memory (the CPU "
         "default). 'collective': a process group between learner rank 0 and every vLLM worker (NCCL when "
         "learners and replicas have GPUs on different devices, gloo otherwise) broadcasts the tensors; an "
         "update that fails there (e.g. a replica died mid-transfer) goes through the object store instead and "
-        "the group is rebuilt for the next one.",
+        "the group is rebuilt for the next one. 'ipc': learner rank 0 and the replicas share one node (on GPUs, "
+        "one GPU: learner and vLLM co-located): rank 0 packs the tensors into a few buffers and each vLLM worker "
+        "maps them by handle (CUDA IPC on a GPU, shared memory on the host), no copy through the object store or "
+        "a file; a replica on another node or GPU is an error.",
     )
     weight_sync_timeout_s: float = Field(
         300.0,

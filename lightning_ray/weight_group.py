@@ -153,11 +153,7 @@ class WeightGroup:
         self._broadcast(header.to(self.device))
         for bucket, size in enumerate(sizes):
             buf = torch.empty(size, dtype=torch.uint8, device=self.device)
-            for slot in slots:
-                if slot.bucket == bucket:
-                    src = state[slot.name].detach().contiguous().reshape(-1).view(torch.uint8)
-                    buf[slot.offset : slot.offset + slot.nbytes].copy_(src)
-            self._broadcast(buf)
+            self._broadcast(fill_bucket(buf, bucket, slots, state))
         return {"tensors": len(slots), "bytes": sum(sizes), "buckets": len(sizes)}
 
     def receive(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -170,10 +166,7 @@ class WeightGroup:
         slots, sizes = decode_header(header.cpu())
         for bucket, size in enumerate(sizes):
             buf = self._broadcast(torch.empty(size, dtype=torch.uint8, device=self.device))
-            for slot in slots:
-                if slot.bucket == bucket:
-                    raw = buf[slot.offset : slot.offset + slot.nbytes]
-                    yield slot.name, raw.view(getattr(torch, slot.dtype)).view(slot.shape)
+            yield from bucket_views(buf, bucket, slots)
 
     def close(self) -> None:
         """Leave the group (local: peers notice at their next operation, through the timeout)."""
@@ -204,6 +197,25 @@ def plan_buckets(state: Mapping[str, torch.Tensor], bucket_bytes: int) -> tuple[
         dtype = str(tensor.dtype).removeprefix("torch.")
         slots.append(Slot(name, dtype, tuple(tensor.shape), len(sizes) - 1, offset, nbytes))
     return slots, sizes
+
+
+def fill_bucket(
+    buf: torch.Tensor, bucket: int, slots: list[Slot], state: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    """Copy the tensors `plan_buckets` put in `bucket` into the flat uint8 `buf`, at their offsets."""
+    for slot in slots:
+        if slot.bucket == bucket:
+            src = state[slot.name].detach().contiguous().reshape(-1).view(torch.uint8)
+            buf[slot.offset : slot.offset + slot.nbytes].copy_(src)
+    return buf
+
+
+def bucket_views(buf: torch.Tensor, bucket: int, slots: list[Slot]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of `bucket`, in order, as views into `buf` with their dtype and shape (no copy)."""
+    for slot in slots:
+        if slot.bucket == bucket:
+            raw = buf[slot.offset : slot.offset + slot.nbytes]
+            yield slot.name, raw.view(getattr(torch, slot.dtype)).view(slot.shape)
 
 
 def encode_header(slots: list[Slot], sizes: list[int]) -> torch.Tensor:

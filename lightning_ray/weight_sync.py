@@ -9,6 +9,10 @@
   learner, and rebuilds it when not (a replica restarted or was added, the learner restarted). An update that
   fails in the group (a rank died or timed out mid-transfer) goes through the object store instead, with a
   warning, and the group is rebuilt at the next update: the replicas always end up with the new weights.
+* `ipc` — learner rank 0 and the vLLM workers share one machine (and, on GPUs, one GPU): rank 0 packs the
+  tensors into a few buffers and hands every worker handles to them (CUDA IPC on a GPU, shared-memory files on
+  the host; `lightning_ray.weight_ipc`). Only the handles travel, through the driver; rank 0 keeps the buffers
+  until every replica has loaded them. A replica on another node (or GPU) than rank 0 is an error.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ GROUP_FAILURES = (ray.exceptions.RayError, TimeoutError)
 def sync_weights(learners: LearnerGroup, handle: Any, version: int, cfg: Config) -> list[dict[str, Any]]:
     """Bring every replica of `handle` to the learners' current weights, serving `version` afterwards.
     Returns one result per replica (`path` says how its weights travelled)."""
+    backend = group_backend(cfg.learner, cfg.inference)
     if cfg.inference.weight_sync == "collective":
-        backend = group_backend(cfg.learner, cfg.inference)
         return collective_sync(learners, handle, version, backend, cfg.inference.weight_sync_timeout_s)
+    if cfg.inference.weight_sync == "ipc":
+        return ipc_sync(learners, handle, version, backend, cfg.inference.weight_sync_timeout_s)
     return object_store_sync(learners, handle, version)
 
 
@@ -44,7 +50,8 @@ def object_store_sync(learners: LearnerGroup, handle: Any, version: int) -> list
 
 
 def group_backend(learner: LearnerConfig, inference: InferenceConfig) -> str:
-    """NCCL when both sides hold GPUs, gloo otherwise (then the tensors travel through host memory)."""
+    """NCCL when both sides hold GPUs, gloo otherwise (then the tensors travel through host memory). For the
+    ipc hand-off the same choice says where rank 0's buffers live: its GPU under nccl, host memory under gloo."""
     return "nccl" if learner.num_gpus_per_worker > 0 and inference.num_gpus_per_replica > 0 else "gloo"
 
 
@@ -131,6 +138,47 @@ def broadcast_through_group(
     return [
         {**r, "path": "collective", "bytes": stats["bytes"], "buckets": stats["buckets"]} for r in results
     ]
+
+
+def ipc_sync(
+    learners: LearnerGroup, handle: Any, version: int, backend: str, timeout_s: float
+) -> list[dict[str, Any]]:
+    """The update by handle: check every replica is beside learner rank 0, let rank 0 pack and export its
+    weights for every vLLM worker, have every replica load them, then free rank 0's buffers (also on a
+    failure)."""
+    replicas = handle.broadcast("weight_group_status", backend).results(timeout_s=timeout_s)
+    check_colocated(learners.weight_ipc_identity(backend), replicas)
+    # One handle set per vLLM worker (CUDA IPC pairs one export with one consumer), numbered like the weight
+    # group's ranks without the learner's rank 0: worker k of a replica uses set offsets[replica] + k.
+    offsets = {r: rank - 1 for r, rank in rank_offsets(replicas).items()}
+    try:
+        payload = learners.share_weights(sum(r["workers"] for r in replicas), backend)
+        wait = DRIVER_TIMEOUTS * timeout_s
+        results = handle.broadcast("receive_shared_weights", payload, offsets, version).results(
+            timeout_s=wait
+        )
+    finally:
+        learners.release_shared_weights()
+    buffers = len(payload["handles"][0]) if payload["handles"] else 0
+    return [{**r, "path": "ipc", "bytes": payload["bytes"], "buffers": buffers} for r in results]
+
+
+def check_colocated(learner: dict[str, Any], replicas: list[dict[str, Any]]) -> None:
+    """The ipc hand-off maps memory of learner rank 0's machine: every replica must run on its Ray node and,
+    when the buffers are on a GPU (`learner["device"]` is its UUID), every vLLM worker on that GPU."""
+    for r in replicas:
+        if r["node_id"] != learner["node_id"]:
+            raise ValueError(
+                f"inference.weight_sync=ipc needs every vLLM replica on the node of learner rank 0 "
+                f"({learner['node_id']}), but replica {r['replica']} runs on node {r['node_id']}: use "
+                "inference.weight_sync=collective or object_store across nodes"
+            )
+        if learner["device"] is not None and any(d != learner["device"] for d in r["devices"]):
+            raise ValueError(
+                f"inference.weight_sync=ipc on GPUs needs every vLLM worker on the GPU of learner rank 0 "
+                f"({learner['device']}), but replica {r['replica']} uses {r['devices']}: use "
+                "inference.weight_sync=collective when learner and vLLM have GPUs of their own"
+            )
 
 
 def close_weight_sync(learners: LearnerGroup, handle: Any, timeout_s: float = 60.0) -> None:

@@ -221,12 +221,14 @@ class InferenceServer:
 
     async def weight_group_status(self, backend: str) -> dict[str, Any]:
         """This replica's weight group (None unless all its workers are in the same one), how many vLLM workers
-        it has (one rank each) and the GPUs they would use under `backend`."""
+        it has (one rank each), its Ray node (its TP workers share it: STRICT_PACK) and the GPUs they would
+        use under `backend`. The ipc hand-off reads the same status."""
         workers = await self.engine.collective_rpc("weight_group_status", args=(backend,))
         ids = {(w["group_id"], w["world_size"]) for w in workers}
         group_id, world_size = ids.pop() if len(ids) == 1 else (None, None)
         return {
             "replica": self.replica,
+            "node_id": ray.get_runtime_context().get_node_id(),
             "group_id": group_id,
             "world_size": world_size,
             "workers": len(workers),
@@ -250,6 +252,24 @@ class InferenceServer:
 
         async def load() -> list[int]:
             return await self.engine.collective_rpc("receive_weights", args=(group_id,))
+
+        return await self._swap_weights(load, version)
+
+    async def receive_shared_weights(
+        self, payload: dict[str, Any], consumer_offsets: dict[str, int], version: int
+    ) -> dict[str, Any]:
+        """Like `update_weights`, with the tensors mapped from buffers learner rank 0 shares by handle
+        (`inference.weight_sync: ipc`); this replica's workers use the handles from
+        `consumer_offsets[replica]` on."""
+        if self.replica not in consumer_offsets:
+            raise RuntimeError(
+                f"replica {self.replica} was not counted when the weight hand-off of version {version} was "
+                "prepared (it started in the meantime); the next update includes it"
+            )
+
+        async def load() -> list[int]:
+            args = (payload, consumer_offsets[self.replica])
+            return await self.engine.collective_rpc("load_shared_weights", args=args)
 
         return await self._swap_weights(load, version)
 

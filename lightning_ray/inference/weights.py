@@ -6,7 +6,8 @@ through `collective_rpc` breaks in vLLM's multi-process mode on CPU; a file in /
 well under a second for a 135M model.
 
 With `inference.weight_sync: collective` the workers instead receive the tensors from learner rank 0 through a
-process group of their own (`lightning_ray.weight_group`); both paths load through the same `_load_weights`.
+process group of their own (`lightning_ray.weight_group`); with `ipc` they map buffers learner rank 0 shares
+on the same machine (`lightning_ray.weight_ipc`). All paths load through the same `_load_weights`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lightning_ray.weight_group import GroupSpec, WeightGroup, device_identity, expect_exhausted
+from lightning_ray.weight_ipc import shared_tensors
 
 
 def shm_dir() -> Path:
@@ -134,6 +136,17 @@ class WeightSyncExtension:
         if group is not None:
             group.close()
         self._weight_group = None
+
+    # ---------------------------------------------------------------- ipc weight hand-off
+
+    def load_shared_weights(self, payload: dict[str, Any], first_consumer: int) -> int:
+        """Load the buffers learner rank 0 shares by handle (this worker's handles are those of consumer
+        `first_consumer` + its rank in the engine); returns the number of tensors. The mappings close when
+        the stream is exhausted, which lets rank 0 free its buffers."""
+        stream = shared_tensors(payload, first_consumer + self.rank, self.device)
+        count = self._load_weights(stream)
+        expect_exhausted(stream)
+        return count
 
     def weights_checksum(self) -> str:
         """A digest of every parameter, to check that replicas serve identical weights."""

@@ -154,6 +154,20 @@ class LearnerGroup:
     def close_weight_group(self) -> None:
         ray.get(self.workers[0].close_weight_group.remote())
 
+    # ipc weight hand-off (see lightning_ray.weight_ipc): rank 0 shares packed buffers with same-node workers.
+
+    def weight_ipc_identity(self, backend: str) -> dict[str, Any]:
+        """Rank 0's Ray node, and its GPU (UUID) under nccl."""
+        return ray.get(self.workers[0].weight_ipc_identity.remote(backend))
+
+    def share_weights(self, consumers: int, backend: str) -> dict[str, Any]:
+        """Rank 0's hand-off payload for `consumers` vLLM workers (every rank gathers under ZeRO-3); its buffers
+        stay alive until `release_shared_weights`."""
+        return self._call("share_weights", consumers, backend)[0]
+
+    def release_shared_weights(self) -> None:
+        ray.get(self.workers[0].release_shared_weights.remote())
+
     def save_checkpoint(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """HF folder + DeepSpeed state under `path` (must be visible to every rank's node)."""
         self._call("save_checkpoint", str(path), extra)

@@ -27,7 +27,15 @@ import torch
 from lightning_ray.algorithms.losses import loss_denominator, policy_loss, token_entropy, token_logprobs
 from lightning_ray.config import AlgorithmConfig, LearnerConfig
 from lightning_ray.learner.batch import padding_batch, split_micro_batches, table_to_batch
-from lightning_ray.weight_group import GroupSpec, WeightGroup, device_identity, host_store, new_spec
+from lightning_ray.weight_group import (
+    GroupSpec,
+    WeightGroup,
+    device_identity,
+    host_store,
+    new_spec,
+    transfer_device,
+)
+from lightning_ray.weight_ipc import SharedWeights
 
 SHM_COMM_OP = "deepspeed_shm_comm"  # deepspeed.ops.op_builder.cpu.ShareMemCommBuilder.NAME
 CHECKPOINT_MARKER = "lightning_ray_checkpoint.json"
@@ -185,6 +193,7 @@ class LearnerWorker:
         self.weight_group: WeightGroup | None = None  # rank 0 only: the collective path to the vLLM workers
         self._weight_store: torch.distributed.TCPStore | None = None
         self._weight_spec: GroupSpec | None = None
+        self._shared_weights: SharedWeights | None = None  # rank 0 only: the ipc hand-off in flight
 
     # ---------------------------------------------------------------- setup
 
@@ -489,6 +498,34 @@ class LearnerWorker:
         if self.weight_group is not None:
             self.weight_group.close()
         self.weight_group, self._weight_store, self._weight_spec = None, None, None
+
+    # ---------------------------------------------------------------- ipc weight hand-off (rank 0)
+
+    def weight_ipc_identity(self, backend: str) -> dict[str, Any]:
+        """The Ray node of this rank and, when `backend` is nccl (both sides on GPUs), its GPU's UUID."""
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "device": device_identity(backend)}
+
+    def share_weights(self, consumers: int, backend: str) -> dict[str, Any] | None:
+        """Pack the HF-named weights into shareable buffers (on this rank's GPU under nccl, in host shared memory
+        under gloo) and return the hand-off payload for `consumers` vLLM workers; None on other ranks.
+
+        Collective under ZeRO-3 (every rank takes part in the gathers). The buffers stay alive until
+        `release_shared_weights`: the caller releases them once every replica has loaded them."""
+        self.release_shared_weights()
+        device = transfer_device(backend)
+        # No copy of the live parameters: packing copies them, and nothing steps before that is done.
+        state = gather_hf_state_dict(self.engine.module, self.cfg.zero_stage, self.rank, device, copy=False)
+        if state is None:
+            return None
+        self._shared_weights = SharedWeights.pack(state, device)
+        return self._shared_weights.payload(consumers)
+
+    def release_shared_weights(self) -> None:
+        if self._shared_weights is not None:
+            self._shared_weights.release()
+        self._shared_weights = None
 
     def save_checkpoint(self, path: str, extra: dict[str, Any] | None = None) -> None:
         """Write an HF model folder (weights, config, tokenizer) plus the DeepSpeed engine state

@@ -1,12 +1,15 @@
-"""`inference.weight_sync: collective` over gloo: a real learner broadcasts to every worker of two real vLLM replicas.
+"""`inference.weight_sync: collective` over gloo and `ipc` on CPU: a real learner updates every worker of two
+real vLLM replicas.
 
 After a learner step and a sync, vLLM's log-probs equal the learner's (fp32, the tolerance of
 test_learner_vllm), both replicas hold bit-identical weights (the same checksum as an object-store sync of the
-same state), the policy version went up, and the group is reused by the next sync and rebuilt when a replica
-left it (as a restarted replica would have).
+same state), and the policy version went up. The collective group is reused by the next sync and rebuilt when
+a replica left it (as a restarted replica would have); the ipc hand-off leaves no shared-memory file behind.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,14 +65,28 @@ def assert_serves_learner_weights(
     assert diff < VLLM_TOL, f"vLLM serves other weights than the learner's after the sync: {diff:.2e}"
 
 
-def test_collective_sync_over_gloo(replicas, collective_config, tiny_model_dir):
-    cfg = collective_config
-    rng = np.random.default_rng(3)
+def prompts_and_learner(tiny_model_dir, seed: int) -> tuple[list[list[int]], LearnerGroup]:
+    rng = np.random.default_rng(seed)
     prompts = [rng.integers(100, 5000, int(rng.integers(3, 10))).tolist() for _ in range(6)]
     learner_cfg = LearnerConfig(
         num_workers=1, num_cpus_per_worker=0.5, zero_stage=0, micro_batch_size=3, lr=2e-2
     )
-    group = LearnerGroup(learner_cfg, tiny_model_dir)
+    return prompts, LearnerGroup(learner_cfg, tiny_model_dir)
+
+
+def assert_same_as_object_store(group: LearnerGroup, handle, version: int) -> set[str]:
+    """Both replicas hold bit-identical weights, the same as an object-store sync of the same learner state
+    (synced as `version`); returns their checksums."""
+    synced = checksums(handle)
+    assert len(synced) == 1
+    object_store_sync(group, handle, version)
+    assert checksums(handle) == synced
+    return synced
+
+
+def test_collective_sync_over_gloo(replicas, collective_config, tiny_model_dir):
+    cfg = collective_config
+    prompts, group = prompts_and_learner(tiny_model_dir, seed=3)
     version = replicas.policy_version.remote().result()
     try:
         train_one_step(group, replicas, prompts, seed=0)
@@ -79,11 +96,7 @@ def test_collective_sync_over_gloo(replicas, collective_config, tiny_model_dir):
         group_id = group.weight_group_spec()["group_id"]
         assert group.weight_group_spec()["world_size"] == 1 + REPLICAS
         assert_serves_learner_weights(group, replicas, prompts, version + 1)
-        # Bit-identical on both replicas, and to the object-store path with the same learner state.
-        through_group = checksums(replicas)
-        assert len(through_group) == 1
-        object_store_sync(group, replicas, version + 2)
-        assert checksums(replicas) == through_group
+        assert_same_as_object_store(group, replicas, version + 2)
 
         train_one_step(group, replicas, prompts, seed=10)
         second = sync_weights(group, replicas, version + 3, cfg)
@@ -100,4 +113,34 @@ def test_collective_sync_over_gloo(replicas, collective_config, tiny_model_dir):
         assert_serves_learner_weights(group, replicas, prompts, version + 4)
     finally:
         close_weight_sync(group, replicas)
+        group.shutdown()
+
+
+def shm_files() -> set[str]:
+    """torch's shared-memory files (the ipc hand-off's host buffers live in them)."""
+    return {p.name for p in Path("/dev/shm").glob("torch_*")}
+
+
+def test_ipc_sync_on_cpu(replicas, collective_config, tiny_model_dir):
+    cfg = collective_config.model_copy(deep=True)
+    cfg.inference.weight_sync = "ipc"
+    prompts, group = prompts_and_learner(tiny_model_dir, seed=4)
+    version = replicas.policy_version.remote().result()
+    files_before = shm_files()
+    try:
+        train_one_step(group, replicas, prompts, seed=30)
+        first = sync_weights(group, replicas, version + 1, cfg)
+        assert [r["path"] for r in first] == ["ipc"] * REPLICAS
+        assert {r["policy_version"] for r in first} == {version + 1}
+        assert first[0]["buffers"] >= 1 and first[0]["bytes"] > 0
+        assert_serves_learner_weights(group, replicas, prompts, version + 1)
+        by_handle = assert_same_as_object_store(group, replicas, version + 2)
+
+        train_one_step(group, replicas, prompts, seed=40)
+        second = sync_weights(group, replicas, version + 3, cfg)
+        assert [r["path"] for r in second] == ["ipc"] * REPLICAS
+        assert_serves_learner_weights(group, replicas, prompts, version + 3)
+        assert checksums(replicas) != by_handle
+        assert shm_files() <= files_before  # rank 0 released its buffers once both replicas had loaded them
+    finally:
         group.shutdown()
