@@ -8,11 +8,12 @@ from the tool's result. The only lightning-ray code is the `@lr.rollout` entry: 
 from __future__ import annotations
 
 from autogen_agentchat.agents import AssistantAgent
+from autogen_agentchat.messages import ToolCallRequestEvent
 from autogen_core.models import ModelInfo
 from autogen_ext.models.openai import OpenAIChatCompletionClient
 
 import lightning_ray as lr
-from examples.calc.reward import answer_reward
+from examples.calc.reward import shaped_reward
 from examples.calc.tool import run_tool
 
 INSTRUCTIONS = (
@@ -46,7 +47,8 @@ def build_client(llm: lr.LLM) -> OpenAIChatCompletionClient:
 
 @lr.rollout
 async def calc_agent(task: dict, llm: lr.LLM) -> float:
-    """1.0 for the right `<answer>`, else 0.0."""
+    """1.0 for the right `<answer>`; else partial credit for answer format and calculator use (`shaped_reward`,
+    as in examples/calc)."""
     client = build_client(llm)
     agent = AssistantAgent(
         "calculator",
@@ -60,4 +62,5 @@ async def calc_agent(task: dict, llm: lr.LLM) -> float:
         result = await agent.run(task=task["question"])
     finally:
         await client.close()
-    return answer_reward(str(result.messages[-1].content), float(task["answer"]))
+    tool_calls = sum(len(m.content) for m in result.messages if isinstance(m, ToolCallRequestEvent))
+    return shaped_reward(str(result.messages[-1].content), float(task["answer"]), tool_calls)

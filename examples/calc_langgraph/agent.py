@@ -13,7 +13,7 @@ from langgraph.errors import GraphRecursionError
 from langgraph.prebuilt import create_react_agent
 
 import lightning_ray as lr
-from examples.calc.reward import answer_reward
+from examples.calc.reward import shaped_reward
 from examples.calc.tool import run_tool
 
 INSTRUCTIONS = (
@@ -44,11 +44,13 @@ def build_agent(llm: lr.LLM):
 
 @lr.rollout
 async def calc_agent(task: dict, llm: lr.LLM) -> float:
-    """1.0 for the right `<answer>`, else 0.0 (also when the graph hits its recursion limit)."""
+    """1.0 for the right `<answer>`; else partial credit for answer format and calculator use (`shaped_reward`,
+    as in examples/calc); 0.0 when the graph hits its recursion limit."""
     try:
         state = await build_agent(llm).ainvoke(
             {"messages": [("user", task["question"])]}, config={"recursion_limit": RECURSION_LIMIT}
         )
     except GraphRecursionError:
         return 0.0
-    return answer_reward(str(state["messages"][-1].content), float(task["answer"]))
+    tool_calls = sum(len(getattr(m, "tool_calls", None) or []) for m in state["messages"])
+    return shaped_reward(str(state["messages"][-1].content), float(task["answer"]), tool_calls)

@@ -13,13 +13,14 @@ from agents import (
     ModelSettings,
     OpenAIChatCompletionsModel,
     Runner,
+    ToolCallItem,
     function_tool,
     set_tracing_disabled,
 )
 from openai import AsyncOpenAI
 
 import lightning_ray as lr
-from examples.calc.reward import answer_reward
+from examples.calc.reward import shaped_reward
 from examples.calc.tool import run_tool
 
 INSTRUCTIONS = (
@@ -49,11 +50,13 @@ def build_agent(client: AsyncOpenAI, llm: lr.LLM) -> Agent:
 
 @lr.rollout
 async def calc_agent(task: dict, llm: lr.LLM) -> float:
-    """1.0 for the right `<answer>`, else 0.0 (also when the agent runs out of turns)."""
+    """1.0 for the right `<answer>`; else partial credit for answer format and calculator use (`shaped_reward`,
+    as in examples/calc); 0.0 when the agent runs out of turns."""
     client = AsyncOpenAI(base_url=llm.base_url, api_key=llm.api_key)
     async with client:
         try:
             result = await Runner.run(build_agent(client, llm), task["question"], max_turns=MAX_TURNS)
         except MaxTurnsExceeded:
             return 0.0
-    return answer_reward(str(result.final_output or ""), float(task["answer"]))
+    tool_calls = sum(isinstance(item, ToolCallItem) for item in result.new_items)
+    return shaped_reward(str(result.final_output or ""), float(task["answer"]), tool_calls)
