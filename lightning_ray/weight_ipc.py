@@ -34,9 +34,8 @@ import torch
 from lightning_ray.weight_group import BUCKET_BYTES, Slot, bucket_views, fill_bucket, plan_buckets
 
 Handle = dict[str, Any] | bytes  # host: shm file name and size; GPU: pickled `reduce_tensor` arguments
-DEVICE_ARG = (
-    6  # index of the device in `rebuild_cuda_tensor`'s arguments: the consumer's own index goes there
-)
+# The index of the device in `rebuild_cuda_tensor`'s arguments: the consumer's own device index goes there.
+DEVICE_ARG = 6
 
 
 def new_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
