@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import time
 
@@ -49,7 +50,11 @@ def test_plan_buckets_aligns_and_splits():
 def _receiver(spec: GroupSpec, rank: int, updates: int, out: mp.Queue) -> None:
     group = WeightGroup(spec, rank)
     for _ in range(updates):
-        out.put({name: t.clone() for name, t in group.receive()})
+        # By value: a tensor put on a queue is shared through this process's file descriptors, which are gone
+        # if it exits before the parent reads it.
+        buf = io.BytesIO()
+        torch.save({name: t.clone() for name, t in group.receive()}, buf)
+        out.put(buf.getvalue())
     group.close()
 
 
@@ -64,7 +69,7 @@ def test_broadcast_to_two_ranks_twice():
     sender = WeightGroup(spec, 0, store)
     state = sample_state()
     stats = [sender.send(state, bucket_bytes=1024) for _ in range(2)]
-    received = [out.get(timeout=60) for _ in range(4)]
+    received = [torch.load(io.BytesIO(out.get(timeout=60))) for _ in range(4)]
     for p in procs:
         p.join(timeout=60)
     sender.close()
