@@ -26,16 +26,13 @@ try:
     import httpx2
 except ImportError:  # openai < 3 sends through httpx
     httpx2 = None
-import ray
 
 import lightning_ray as lr
 from lightning_ray.gateway import start_gateway_thread
 from lightning_ray.gateway.protocol import ChatCompletionRequest
 from lightning_ray.gateway.render import decode, encode, render_chat
 from lightning_ray.gateway.tools import template_for
-from lightning_ray.rollouts.collect import collect_batch
-from lightning_ray.rollouts.worker import start_rollout_workers
-from lightning_ray.tasks.actor import task_pool_from_config
+from tests.batches import run_batch
 
 FRAMEWORKS = ["calc_openai_agents", "calc_langgraph", "calc_autogen"]
 GREEDY = {"temperature": 0.0, "max_tokens": 16}
@@ -144,14 +141,7 @@ def batch_config(tiny_config, name: str):
 def test_framework_rollout_batch_through_workers(name, inference, tiny_config, gateway):
     tok = gateway.state.tokenizer
     cfg = batch_config(tiny_config, name)
-    pool = task_pool_from_config(cfg, name=f"pool-{name}")
-    workers = start_rollout_workers(cfg, pool, prefix=name)
-    try:
-        batch = collect_batch(pool, workers, 2, progress=False)
-    finally:
-        ray.get([w.stop.remote() for w in workers])
-        for actor in [*workers, pool]:
-            ray.kill(actor)
+    batch = run_batch(cfg, name, 2)
 
     rollouts = batch.rollouts.to_pylist()
     assert len(rollouts) == 4

@@ -18,8 +18,7 @@ from lightning_ray.inference.server import APP_NAME, FROZEN_APP_NAME, broadcast_
 from lightning_ray.models import builtin_tokenizer_dir
 from lightning_ray.rollouts.collect import collect_batch
 from lightning_ray.rollouts.run import start_rollout_stack, stop_rollout_stack
-from lightning_ray.rollouts.worker import start_rollout_workers
-from lightning_ray.tasks.actor import task_pool_from_config
+from tests.batches import run_batch
 
 
 def multi_agent_config(tiny_config):
@@ -38,14 +37,7 @@ def test_solver_and_checker_roles_and_trained_selection(inference, tiny_config):
 
     tok = AutoTokenizer.from_pretrained(str(builtin_tokenizer_dir()))
     cfg = multi_agent_config(tiny_config)
-    pool = task_pool_from_config(cfg, name="pool-multi-agent")
-    workers = start_rollout_workers(cfg, pool, prefix="multi-agent")
-    try:
-        batch = collect_batch(pool, workers, 2, progress=False)
-    finally:
-        ray.get([w.stop.remote() for w in workers])
-        for actor in [*workers, pool]:
-            ray.kill(actor)
+    batch = run_batch(cfg, "multi-agent", 2)
 
     rollouts = batch.rollouts.to_pylist()
     assert len(rollouts) == 4 and all(r["status"] == "succeeded" for r in rollouts), rollouts
