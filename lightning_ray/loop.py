@@ -15,20 +15,20 @@ import pyarrow.compute as pc
 import ray
 
 from lightning_ray.algorithms.advantages import compute_advantages
+from lightning_ray.checkpoints import latest_checkpoint, prune_checkpoints
 from lightning_ray.config import Config
 from lightning_ray.data.merge import merge_prefix_turns, select_trained_calls
-from lightning_ray.data.trajectories import write_parquet
+from lightning_ray.data.schema import write_parquet
 from lightning_ray.learner.group import LearnerGroup
-from lightning_ray.learner.worker import CHECKPOINT_MARKER
 from lightning_ray.models import resolve_model
 from lightning_ray.monitor.metrics import record_batch_metrics
 from lightning_ray.monitor.run_log import RunLog, step_line
 from lightning_ray.monitor.summary import check_failure_rate
 from lightning_ray.rollouts.collect import Batch, collect_batch
-from lightning_ray.rollouts.run import start_rollout_stack, stop_rollout_stack
+from lightning_ray.rollouts.stack import start_rollout_stack, stop_rollout_stack
 from lightning_ray.runtime import init_ray, new_run_dir
 from lightning_ray.tasks.actor import task_pool_from_config
-from lightning_ray.weight_sync import sync_weights
+from lightning_ray.weights import sync_weights
 
 
 def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
@@ -62,8 +62,9 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
                 learned = learners.train_step(table, cfg.algorithm, cfg.inference.sampling.max_tokens)
                 metrics.update({f"learner/{k}": v for k, v in learned.items()})
             t2 = time.perf_counter()
-            sync_weights(learners, inference, step, cfg)
+            synced = sync_weights(learners, inference, step, cfg)
             metrics.update({"time/rollout_s": t1 - t0, "time/learner_s": t2 - t1})
+            metrics.update(sync_metrics(synced))
             metrics["time/broadcast_s"] = time.perf_counter() - t2
 
             if val_pool is not None and step % cfg.trainer.val_every == 0:
@@ -72,6 +73,7 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
                 cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0
             ):
                 save(run_dir, step, learners, pool)
+                prune_checkpoints(run_dir, cfg.trainer.keep_checkpoints)
             metrics["time/step_s"] = time.perf_counter() - t0
             log.log(step, metrics)
             print(step_line(step, cfg.trainer.steps, metrics), flush=True)
@@ -95,6 +97,16 @@ def rollout_metrics(batch: Batch) -> dict[str, Any]:
     if batch.transitions.num_rows:
         out["rollout/policy_version"] = pc.min(batch.transitions["policy_version"]).as_py()
     return out
+
+
+def sync_metrics(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The policy version every replica now serves (the lowest, should one lag) and how the weights went."""
+    return {
+        "sync/version": min(r["policy_version"] for r in results),
+        "sync/replicas": len(results),
+        "sync/replica_max_s": max(r["total_s"] for r in results),
+        "sync/fallbacks": sum(r["path"] == "object_store_fallback" for r in results),
+    }
 
 
 def training_rows(transitions: pa.Table, cfg: Config) -> pa.Table:
@@ -121,12 +133,6 @@ def validate(cfg: Config, val_pool: Any, workers: list[Any]) -> dict[str, float]
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:06d}"
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (its marker is written last, so a crash mid-save is skipped)."""
-    done = sorted(p.parent for p in (run_dir / "checkpoints").glob(f"step-*/{CHECKPOINT_MARKER}"))
-    return done[-1] if done else None
 
 
 def save(run_dir: Path, step: int, learners: LearnerGroup, pool: Any) -> Path:

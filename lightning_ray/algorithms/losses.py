@@ -1,4 +1,5 @@
-"""Token-level policy losses: PPO-clip with asymmetric clipping, KL to a reference, truncated IS, metrics.
+"""Token-level policy losses: PPO-clip with asymmetric clipping, KL to a reference, off-policy correction
+(truncated IS, decoupled PPO), metrics.
 
 Every function is pure torch on `[batch, tokens]` tensors plus a 0/1 `mask` of the tokens that count
 (response tokens). Nothing here knows about DeepSpeed or Ray, so the maths is unit-tested by hand.
@@ -15,9 +16,14 @@ A learner that splits a batch into micro-batches and ranks passes `denominator` 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from lightning_ray.config import AlgorithmConfig
+
 LENGTH_NORMS = ("token", "sequence", "constant")
+MAX_LOG_RATIO = 20.0  # |log r| above this is clamped (zero gradient there): r <= 4.9e8, finite in float32
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -27,6 +33,12 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over masked entries; 0 when the mask is empty."""
     return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_max(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Max over masked entries; -inf (the identity of max) when the mask is empty."""
+    picked = values[mask > 0]
+    return picked.max() if picked.numel() else values.new_tensor(-math.inf)
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
@@ -77,58 +89,83 @@ def truncate_ratio(ratio: torch.Tensor, cap: float) -> torch.Tensor:
     return torch.where(over, capped, ratio)
 
 
+def importance_weight(
+    proximal: torch.Tensor, behaviour: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Detached w = min(pi_prox / pi_behav, cap) per token and where it was truncated. Computed in log space,
+    so no log-prob gap (-0.1 against -50, or against -inf) can overflow: w <= cap by construction."""
+    log_w = (proximal - behaviour).detach()
+    log_cap = math.log(cap)
+    return torch.exp(torch.clamp(log_w, max=log_cap)), log_w > log_cap
+
+
 def policy_loss(
+    algo: AlgorithmConfig,
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    length_norm: str = "token",
+    behaviour_logprobs: torch.Tensor | None = None,
     denominator: float | torch.Tensor | None = None,
     constant: float | None = None,
     ref_logprobs: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    tis_cap: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-clip token loss (to minimise) and detached metrics.
+    """PPO-clip token loss (to minimise) and detached metrics, with the clip range, length norm, KL and
+    off-policy settings of `algo`.
 
-    ratio = exp(logprobs - old_logprobs); per token
-        loss_t = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)) + kl_coef * KL_t
-    summed over masked tokens and divided by `denominator` (default: computed from this batch).
-    `advantages` is per sequence `[B]` or per token `[B, T]`. With `tis_cap` (old log-probs taken from the
-    rollout engine), the unclipped ratio is truncated at the cap (see `truncate_ratio`).
+    r = exp(logprobs - old_logprobs) (the log-ratio clamped to +-20 as in verl, so exp never overflows);
+    per token
+        loss_t = w_t * max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)) + kl_coef * KL_t
+    summed over masked tokens and divided by `denominator` (default: computed from this batch; `constant` is
+    the token budget of `length_norm: constant`). `advantages` is per sequence `[B]` or per token `[B, T]`.
+    KL_t is computed when `ref_logprobs` is given (never importance-weighted). By `algo.old_logprobs`:
+
+    - recompute: `old_logprobs` are the learner's, recomputed before the update; w = 1.
+    - rollout: `old_logprobs` are the rollout engine's (behaviour) log-probs, w = 1, and the unclipped r is
+      truncated at `tis_cap` (`truncate_ratio`): truncated importance sampling, the V-trace truncation of
+      IMPALA (Espeholt et al. 2018) applied to the engine/learner mismatch as in Yao et al. 2025, "Your
+      efficient RL framework secretly brings you off-policy RL training".
+    - decoupled: decoupled PPO (Hilton et al. 2021, "Batch size-invariance for policy optimization"; the
+      objective of AReaL, Fu et al. 2025, arXiv 2505.24298). `old_logprobs` are the proximal policy's (the
+      learner's before this step's update), so the clip is a trust region around it however stale the
+      rollout, and w = min(pi_prox / pi_behav, tis_cap), detached, with pi_behav = `behaviour_logprobs` (the
+      rollout's), corrects for the policy that generated the token (`importance_weight`).
 
     Metrics are token-means over the mask: `pg_loss`, `kl`, `ratio`, `clip_frac` (tokens whose clipped branch
-    is active, so they get no gradient), `clip_frac_low` / `clip_frac_high` (its two sides), `tis_frac`.
+    is active, so they get no gradient), `clip_frac_low` / `clip_frac_high` (its two sides); for rollout and
+    decoupled also the importance weight the loss applied (the truncated ratio's value for rollout, w for
+    decoupled): `is_weight_mean`, its extremes `is_weight_max` / `is_weight_min` (over the mask; -inf / +inf
+    when it is empty: metrics ending in `_max` / `_min` are combined by max / min, not averaged) and
+    `tis_frac`, the fraction of tokens truncated at the cap.
     """
-    if length_norm not in LENGTH_NORMS:
-        raise ValueError(
-            f"algorithm.length_norm: unknown option {length_norm!r}; expected one of {LENGTH_NORMS}"
-        )
+    clip_low, clip_high, mode = algo.clip_low, algo.clip_high, algo.old_logprobs
     mask = mask.to(logprobs.dtype)
     adv = advantages.to(logprobs.dtype)
     if adv.dim() == 1:
         adv = adv.unsqueeze(-1)
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    unclipped = truncate_ratio(ratio, tis_cap) if tis_cap is not None else ratio
+    ratio = torch.exp(torch.clamp(logprobs - old_logprobs, -MAX_LOG_RATIO, MAX_LOG_RATIO))
+    unclipped = truncate_ratio(ratio, algo.tis_cap) if mode == "rollout" else ratio
     clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    pg1 = -adv * unclipped
-    pg2 = -adv * clipped
-    pg = torch.maximum(pg1, pg2)
+    pg = torch.maximum(-adv * unclipped, -adv * clipped)
+    weight = truncated = None
+    if mode == "decoupled":
+        if behaviour_logprobs is None:
+            raise ValueError("old_logprobs='decoupled' needs the behaviour (rollout) log-probs")
+        weight, truncated = importance_weight(old_logprobs, behaviour_logprobs, algo.tis_cap)
+        pg = weight * pg
+    elif mode == "rollout":
+        weight, truncated = ratio.detach().clamp(max=algo.tis_cap), ratio.detach() > algo.tis_cap
     per_token = pg
     kl = None
     if ref_logprobs is not None:
-        kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)
-        if kl_coef:
-            per_token = per_token + kl_coef * kl
+        kl = kl_penalty(logprobs, ref_logprobs, algo.kl_estimator)
+        if algo.kl_coef:
+            per_token = per_token + algo.kl_coef * kl
 
     if denominator is None:
-        denominator = loss_denominator(mask, length_norm, constant)
-    if length_norm == "sequence":
+        denominator = loss_denominator(mask, algo.length_norm, constant)
+    if algo.length_norm == "sequence":
         lengths = mask.sum(-1).clamp(min=1)
         loss = ((per_token * mask).sum(-1) / lengths).sum() / denominator
     else:
@@ -146,6 +183,11 @@ def policy_loss(
         }
         if kl is not None:
             metrics["kl"] = masked_mean(kl, mask)
-        if tis_cap is not None:
-            metrics["tis_frac"] = masked_mean((ratio > tis_cap).to(mask.dtype), mask)
+        if weight is not None:
+            metrics.update(
+                is_weight_mean=masked_mean(weight, mask),
+                is_weight_max=masked_max(weight, mask),
+                is_weight_min=-masked_max(-weight, mask),
+                tis_frac=masked_mean(truncated.to(mask.dtype), mask),
+            )
     return loss, {k: v.detach() for k, v in metrics.items()}

@@ -40,11 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lightning_ray.data.schema import TRANSITION_SCHEMA
-
-MERGED_SCHEMA = TRANSITION_SCHEMA.append(pa.field("loss_mask", pa.list_(pa.int8()), nullable=False)).append(
-    pa.field("merged_calls", pa.int32(), nullable=False)
-)
+from lightning_ray.data.schema import MERGED_SCHEMA, TRANSITION_SCHEMA, list_column
 
 
 def select_trained_calls(table: pa.Table, train_agents: Sequence[str] | None) -> pa.Table:
@@ -60,10 +56,10 @@ def select_trained_calls(table: pa.Table, train_agents: Sequence[str] | None) ->
 class _Lists:
     """A list<number> column as flat numpy values + offsets: row i is values[offsets[i]:offsets[i + 1]]."""
 
-    def __init__(self, column: pa.ChunkedArray, dtype: type):
-        array = column.combine_chunks()
-        self.offsets = array.offsets.to_numpy()
-        self.values = array.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    def __init__(self, table: pa.Table, name: str, dtype: type):
+        values, lengths = list_column(table, name)
+        self.values = values.astype(dtype, copy=False)
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
 
     def row(self, i: int) -> np.ndarray:
         return self.values[self.offsets[i] : self.offsets[i + 1]]
@@ -85,8 +81,8 @@ def extends(prompts: _Lists, responses: _Lists, prev: int, nxt: int) -> bool:
 
 def prefix_chains(table: pa.Table) -> list[list[int]]:
     """Row indices of `table` (sorted by rollout, call index) grouped into runs that extend a prefix."""
-    prompts = _Lists(table.column("prompt_ids"), np.int64)
-    responses = _Lists(table.column("response_ids"), np.int64)
+    prompts = _Lists(table, "prompt_ids", np.int64)
+    responses = _Lists(table, "response_ids", np.int64)
     rollout = table.column("rollout_id").to_pylist()
     agent = table.column("agent").to_pylist()
     chains: list[list[int]] = []
@@ -104,9 +100,9 @@ def merge_prefix_turns(table: pa.Table) -> pa.Table:
     """One row per run of prefix-extending calls (see the module doc); `MERGED_SCHEMA` columns."""
     table = table.sort_by([("rollout_id", "ascending"), ("call_index", "ascending")])
     chains = prefix_chains(table)
-    prompts = _Lists(table.column("prompt_ids"), np.int32)
-    responses = _Lists(table.column("response_ids"), np.int32)
-    logprobs = _Lists(table.column("response_logprobs"), np.float32)
+    prompts = _Lists(table, "prompt_ids", np.int32)
+    responses = _Lists(table, "response_ids", np.int32)
+    logprobs = _Lists(table, "response_logprobs", np.float32)
     sequences = [_merge_chain(chain, prompts, responses, logprobs) for chain in chains]
     firsts = table.take(pa.array([c[0] for c in chains], pa.int64()))
     lasts = table.take(pa.array([c[-1] for c in chains], pa.int64()))

@@ -1,8 +1,9 @@
 """The token-exact OpenAI-compatible gateway: agents talk OpenAI, the trace gets the engine's token ids.
 
 Routes (`app.py`): `/rollout/{id}/v1/{chat/completions,completions,models}` and the same under
-`/rollout/{id}/agent/{role}/v1/...`. A call is recorded under agent role: the route's `{role}`, else the
-request's `model` when it is not the served model's name, else "default".
+`/rollout/{id}/agent/{role}/v1/...` (the URL format and the id and role rules: `lightning_ray.agent.urls`). A
+call is recorded under agent role: the route's `{role}`, else the request's `model` when it is not the served
+model's name, else "default".
 
 Modules: `server` (start/stop as a sidecar or in a thread), `standalone` (`lightning-ray serve`), `app`
 (routes, streaming), `guards` (bearer token, size limit), `calls` (request -> transition), `render` (chat

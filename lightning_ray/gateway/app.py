@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lightning_ray.agent.urls import ROUTE_PREFIXES, rollout_url
 from lightning_ray.gateway.calls import (
     Call,
     GatewayState,
@@ -52,12 +53,7 @@ from lightning_ray.gateway.responses import (
 )
 from lightning_ray.gateway.tools import load_parser_class
 
-ROLLOUT = "/rollout/{rollout_id}"
-AGENT = "/rollout/{rollout_id}/agent/{role}"
 M = TypeVar("M", bound=BaseModel)
-DRAIN_LIMIT = (
-    64 * 1024 * 1024
-)  # an oversize body is read (and dropped) up to this, so the client sees the 413
 
 
 def create_app(
@@ -111,7 +107,7 @@ def create_app(
             )
         return _model_card(state)
 
-    for prefix in (ROLLOUT, AGENT):
+    for prefix in ROUTE_PREFIXES:
         app.add_api_route(f"{prefix}/v1/chat/completions", chat, methods=["POST"])
         app.add_api_route(f"{prefix}/v1/completions", completions, methods=["POST"])
         app.add_api_route(f"{prefix}/v1/models", models, methods=["GET"])
@@ -127,7 +123,7 @@ def _add_management_routes(app: FastAPI, state: GatewayState, public_url: str) -
     async def open_rollout() -> dict[str, str]:
         rollout_id = secrets.token_urlsafe(16)
         state.recorder.open(rollout_id)
-        return {"rollout_id": rollout_id, "base_url": f"{public_url}/rollout/{rollout_id}/v1"}
+        return {"rollout_id": rollout_id, "base_url": rollout_url(public_url, rollout_id)}
 
     @app.get("/rollouts/{rollout_id}")
     async def get_rollout(rollout_id: str) -> dict[str, Any]:

@@ -7,13 +7,14 @@ through the same two functions, so they are recorded identically.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from lightning_ray.agent.urls import ROLE, ROLE_RULE
+from lightning_ray.config import SamplingConfig
 from lightning_ray.data.schema import Transition
 from lightning_ray.gateway.engine import Engine
 from lightning_ray.gateway.protocol import (
@@ -34,7 +35,8 @@ from lightning_ray.gateway.tools import (
 )
 
 DEFAULT_ROLE = "default"
-ROLE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # same rule as `LLM.for_agent`
+# What a request may set over the configured sampling (max_tokens is clamped to the context on its own).
+REQUEST_SAMPLING_KEYS = (*(k for k in SamplingConfig.model_fields if k != "max_tokens"), "seed")
 
 
 @dataclass
@@ -94,9 +96,7 @@ def resolve_role(route_role: str | None, model: str | None, served_model: str) -
     """
     if route_role is not None:
         if not ROLE.match(route_role):
-            raise GatewayError(
-                400, "invalid agent role in the URL: use letters, digits, '_', '.', '-' (max 64 characters)"
-            )
+            raise GatewayError(400, f"invalid agent role in the URL: use {ROLE_RULE}")
         return route_role
     if model and model != served_model:
         return model
@@ -217,8 +217,8 @@ def sampling_for(
             code="context_length_exceeded",
         )
     sampling = dict(state.sampling_defaults)
-    for key in ("temperature", "top_p", "top_k", "seed"):
-        value = getattr(req, key)
+    for key in REQUEST_SAMPLING_KEYS:
+        value = getattr(req, key, None)  # a setting SamplingRequest does not declare arrives as an extra
         if value is not None:
             sampling[key] = value
     sampling["stop"] = req.stop_list()

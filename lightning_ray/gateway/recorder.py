@@ -7,14 +7,12 @@ call that did not finish (engine error, client gone, rollout closed first) leave
 
 from __future__ import annotations
 
-import re
 import threading
 from dataclasses import dataclass, field
 
+from lightning_ray.agent.urls import check_rollout_id
 from lightning_ray.data.schema import Transition
 from lightning_ray.gateway.render import PriorCall
-
-ROLLOUT_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
 class UnknownRollout(KeyError):
@@ -39,8 +37,7 @@ class Recorder:
         self._lock = threading.Lock()
 
     def open(self, rollout_id: str) -> None:
-        if not ROLLOUT_ID.match(rollout_id):
-            raise ValueError(f"invalid rollout id {rollout_id[:40]!r}: use 1-128 characters of [A-Za-z0-9_-]")
+        check_rollout_id(rollout_id)
         with self._lock:
             if rollout_id in self._traces:
                 raise ValueError(f"rollout {rollout_id!r} is already open")
@@ -62,10 +59,6 @@ class Recorder:
     def is_open(self, rollout_id: str) -> bool:
         with self._lock:
             return rollout_id in self._traces
-
-    def open_rollouts(self) -> list[str]:
-        with self._lock:
-            return list(self._traces)
 
     def history(self, rollout_id: str) -> list[PriorCall]:
         """The finished calls of the rollout that a new prompt may splice onto."""

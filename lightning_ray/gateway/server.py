@@ -25,6 +25,7 @@ from typing import Any
 import uvicorn
 from transformers import PreTrainedTokenizerBase
 
+from lightning_ray.agent.urls import rollout_url
 from lightning_ray.config import Config, GatewayConfig, SamplingConfig, is_loopback, resolve_path
 from lightning_ray.data.schema import Transition
 from lightning_ray.gateway.app import create_app
@@ -33,8 +34,6 @@ from lightning_ray.gateway.engine import Engine
 from lightning_ray.gateway.recorder import Recorder
 from lightning_ray.gateway.render import load_chat_template, load_tokenizer
 from lightning_ray.gateway.tools import DEFAULT_TOOL_PARSER
-
-SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "max_tokens")
 
 
 class _Server(uvicorn.Server):
@@ -67,9 +66,8 @@ class Gateway:
         return self.state.served_model
 
     def base_url(self, rollout_id: str, role: str | None = None) -> str:
-        """The OpenAI base URL of one rollout (and agent role): `{url}/rollout/{id}[/agent/{role}]/v1`."""
-        agent = f"/agent/{role}" if role is not None else ""
-        return f"{self.url}/rollout/{rollout_id}{agent}/v1"
+        """The OpenAI base URL of one rollout (and agent role), see `lightning_ray.agent.urls`."""
+        return rollout_url(self.url, rollout_id, role)
 
     def open_rollout(self, rollout_id: str) -> None:
         """Start recording calls under `rollout_id` (make it unguessable: `secrets.token_urlsafe(16)`)."""
@@ -121,7 +119,7 @@ async def start_gateway(
         by name (`FROZEN_APP_NAME`) when omitted and the config names frozen roles.
     tokenizer: a tokenizer or its folder; default: the engine's `model_dir`.
     chat_template: a Jinja file replacing the tokenizer's template (overrides the config's).
-    sampling: defaults for temperature/top_p/top_k/max_tokens where a request leaves them out.
+    sampling: defaults for the `SamplingConfig` settings a request leaves out.
     manage_rollouts: also serve `POST /rollouts`, `GET|DELETE /rollouts/{id}` (standalone `serve`).
     tool_parser: vLLM tool-call parser for requests with tools (overrides `model.tool_parser`; default
         "hermes", see `tools.py`).
@@ -209,10 +207,10 @@ def _sampling_defaults(sampling: SamplingConfig | dict[str, Any] | None) -> dict
     if sampling is None:
         return {}
     values = sampling.model_dump() if isinstance(sampling, SamplingConfig) else dict(sampling)
-    unknown = set(values) - set(SAMPLING_DEFAULT_KEYS)
+    unknown = set(values) - set(SamplingConfig.model_fields)
     if unknown:
         raise ValueError(
-            f"unknown sampling defaults: {sorted(unknown)}; known: {list(SAMPLING_DEFAULT_KEYS)}"
+            f"unknown sampling defaults: {sorted(unknown)}; known: {list(SamplingConfig.model_fields)}"
         )
     return values
 

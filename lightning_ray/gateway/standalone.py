@@ -8,6 +8,7 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+from lightning_ray.agent.urls import rollout_url
 from lightning_ray.config import Config
 from lightning_ray.gateway.server import Gateway, start_gateway
 
@@ -43,6 +44,6 @@ def describe(gateway: Gateway) -> str:
     return (
         f"gateway: {gateway.url} (model {gateway.served_model})\n"
         f"  open a rollout:   curl -X POST{auth} {gateway.url}/rollouts   -> {{rollout_id, base_url}}\n"
-        f"  OpenAI base URL:  {gateway.url}/rollout/<rollout_id>/v1\n"
-        f"  its transitions:  curl{auth} {gateway.url}/rollouts/<rollout_id>   (DELETE closes it)"
+        f"  OpenAI base URL:  {rollout_url(gateway.url, 'ROLLOUT_ID')}\n"
+        f"  its transitions:  curl{auth} {gateway.url}/rollouts/ROLLOUT_ID   (DELETE closes it)"
     )

@@ -12,7 +12,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +20,17 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from lightning_ray.config import InferenceConfig, ModelConfig
+from lightning_ray.config import InferenceConfig, ModelConfig, SamplingConfig
+from lightning_ray.weights.receiver import WeightReceiverExtension
 
 APP_NAME = "lightning-ray-inference"
 # The starting policy for `rollout.frozen_agents`: the same model as APP_NAME, never sent new weights.
 FROZEN_APP_NAME = "lightning-ray-inference-frozen"
 DEPLOYMENT_NAME = "InferenceServer"
 STICKY_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
+# The configurable settings (`SamplingConfig`, named as vLLM names them) and what only a request sets;
 # `json_schema`: the answer must be JSON of this schema (vLLM structured outputs), e.g. for tool_choice "required"
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_tokens", "stop", "seed", "json_schema")
+SAMPLING_KEYS = (*SamplingConfig.model_fields, "stop", "seed", "json_schema")
 # Whitespace characters a constrained JSON answer may hold in a row: room for `": "` or a newline and an indent,
 # but no room for a degenerate policy (a random model, a collapsed one) to spend max_tokens on whitespace, which the
 # plain JSON grammar allows without bound (vLLM bounds it only through a structural tag).
@@ -95,7 +97,7 @@ class InferenceServer:
             tensor_parallel_size=icfg.tensor_parallel_size,
             gpu_memory_utilization=icfg.gpu_memory_utilization,
             enable_prefix_caching=True,
-            worker_extension_cls="lightning_ray.inference.weights.WeightSyncExtension",
+            worker_extension_cls=f"{WeightReceiverExtension.__module__}.{WeightReceiverExtension.__name__}",
             distributed_executor_backend="ray" if icfg.tensor_parallel_size > 1 else None,
         )
         self.engine = AsyncLLM.from_engine_args(args)
@@ -103,14 +105,20 @@ class InferenceServer:
         self.version = 0
         self.replica = _replica_name()
         self._inflight = 0
+        self._busy_s, self._busy_since = 0.0, 0.0
         self._drained = asyncio.Event()
         self._drained.set()
         self._open = asyncio.Event()
         self._open.set()
         self._update_lock = asyncio.Lock()
+        self.on_update = icfg.on_update
+        self._resumable: set[str] = set()  # in-flight requests an update may interrupt
+        self._interrupted: set[str] = set()  # those it did
 
     async def _admit(self) -> int:
         await self._open.wait()
+        if self._inflight == 0:
+            self._busy_since = time.perf_counter()
         self._inflight += 1
         self._drained.clear()
         return self.version
@@ -118,7 +126,14 @@ class InferenceServer:
     def _release(self) -> None:
         self._inflight -= 1
         if self._inflight == 0:
+            self._busy_s += time.perf_counter() - self._busy_since
             self._drained.set()
+
+    def busy_seconds(self) -> float:
+        """Seconds this engine had at least one request in flight, since it started (a running total, so the
+        driver takes differences)."""
+        running = time.perf_counter() - self._busy_since if self._inflight else 0.0
+        return self._busy_s + running
 
     def _check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -131,37 +146,71 @@ class InferenceServer:
             )
 
     async def generate(self, prompt_ids: list[int], sampling: dict[str, Any]) -> dict[str, Any]:
-        """Generate one completion; returns ids, per-token log-probs, finish reason and policy version."""
-        response_ids: list[int] = []
-        logprobs: list[float] = []
-        finish = None
-        version = None
+        """Generate one completion; returns ids, per-token log-probs and policy versions, the finish reason,
+        and `policy_version`, the version the request started on."""
+        out: dict[str, Any] = {"response_ids": [], "response_logprobs": [], "response_versions": []}
         async for delta in self.generate_stream(prompt_ids, sampling):
-            response_ids += delta["response_ids"]
-            logprobs += delta["response_logprobs"]
-            finish, version = delta["finish_reason"], delta["policy_version"]
-        return {
-            "prompt_ids": list(prompt_ids),
-            "response_ids": response_ids,
-            "response_logprobs": logprobs,
-            "finish_reason": finish,
-            "policy_version": version,
-            "replica": self.replica,
-        }
+            out["response_ids"] += delta["response_ids"]
+            out["response_logprobs"] += delta["response_logprobs"]
+            out["response_versions"] += [delta["policy_version"]] * len(delta["response_ids"])
+            out.setdefault("policy_version", delta["policy_version"])
+            out["finish_reason"] = delta["finish_reason"]
+        return {**out, "prompt_ids": list(prompt_ids), "replica": self.replica}
 
     async def generate_stream(
         self, prompt_ids: list[int], sampling: dict[str, Any]
     ) -> AsyncIterator[dict[str, Any]]:
-        """Yield deltas of new token ids and their log-probs as the engine produces them."""
+        """Yield deltas of new token ids, their log-probs and the policy version that produced them.
+
+        With `inference.on_update: interrupt` a weight update aborts this request; it then waits for the new
+        weights and goes on from the tokens it has (they become part of the prompt), so the deltas after an
+        update carry the new version. A request under a grammar (`json_schema`) cannot restart mid-answer
+        and finishes on its weights, as every request does with `on_update: finish`."""
+        self._check_prompt(prompt_ids)
+        resumable = self.on_update == "interrupt" and "json_schema" not in sampling
+        context, budget = list(prompt_ids), sampling.get("max_tokens")
+        interrupted = False
+        while True:
+            version = await self._admit()
+            request_id = uuid.uuid4().hex
+            if resumable:
+                self._resumable.add(request_id)
+            try:
+                async for delta in self._engine_stream(
+                    context, {**sampling, "max_tokens": budget}, request_id
+                ):
+                    interrupted = request_id in self._interrupted and delta["finish_reason"] == "abort"
+                    context += delta["response_ids"]
+                    if budget is not None:
+                        budget -= len(delta["response_ids"])
+                    if delta["response_ids"] or not interrupted:
+                        yield {**delta, "finish_reason": None if interrupted else delta["finish_reason"]}
+            finally:
+                self._resumable.discard(request_id)
+                self._interrupted.discard(request_id)
+                self._release()
+            if not interrupted:
+                return
+            if (budget is not None and budget <= 0) or len(context) >= self.max_model_len:
+                yield {
+                    "response_ids": [],
+                    "response_logprobs": [],
+                    "finish_reason": "length",
+                    "policy_version": version,
+                }
+                return
+
+    async def _engine_stream(
+        self, context: list[int], sampling: dict[str, Any], request_id: str
+    ) -> AsyncIterator[dict[str, Any]]:
+        """One engine request's deltas (the request is aborted if the consumer stops early)."""
         from vllm.inputs import TokensPrompt
 
-        self._check_prompt(prompt_ids)
         params = _sampling_params(sampling, stream=True)
-        version = await self._admit()
-        request_id = uuid.uuid4().hex
+        version = self.version
         try:
             async for out in self.engine.generate(
-                TokensPrompt(prompt_token_ids=list(prompt_ids)), params, request_id
+                TokensPrompt(prompt_token_ids=list(context)), params, request_id
             ):
                 completion = out.outputs[0]
                 ids = list(completion.token_ids)
@@ -175,20 +224,49 @@ class InferenceServer:
         except (asyncio.CancelledError, GeneratorExit):
             await self.engine.abort(request_id)
             raise
-        finally:
-            self._release()
 
-    async def _swap_weights(self, load: Callable[[], Awaitable[list[int]]], version: int) -> dict[str, Any]:
-        """One in-place weight update behind the admission gate: close it, wait for in-flight requests
-        (drain), run `load` (it returns each worker's tensor count), reset the prefix cache, serve `version`,
-        reopen. Updates run one at a time."""
+    # Weight updates (lightning_ray.weights): `path` is an `inference.weight_sync` name; this replica relays
+    # to its vLLM workers, whose `WeightReceiverExtension` does the path's receiving and the load.
+
+    async def weight_status(self, path: str, backend: str) -> dict[str, Any]:
+        """This replica's Ray node (its TP workers share it: STRICT_PACK), how many vLLM workers it has, the
+        GPUs they would use under `backend`, and the path state its workers all share (e.g. one group id)."""
+        workers = await self._on_workers(WeightReceiverExtension.weight_status, path, backend)
+        shared = {
+            k: v for k, v in workers[0].items() if k != "device" and all(w.get(k) == v for w in workers)
+        }
+        return {
+            **shared,
+            "replica": self.replica,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "workers": len(workers),
+            "devices": [w["device"] for w in workers],
+        }
+
+    async def prepare_weights(self, path: str, request: dict[str, Any]) -> None:
+        """The path's set-up before a transfer (e.g. join a process group); may block until peers arrive."""
+        await self._on_workers(WeightReceiverExtension.prepare_weights, path, request, self.replica)
+
+    async def update_weights(self, path: str, payload: Any, version: int) -> dict[str, Any]:
+        """One in-place update behind the admission gate: close it, interrupt the requests that may go on
+        after it (`inference.on_update: interrupt`), wait for the others to finish (drain), let every worker
+        receive and load `payload`, reset the prefix cache, serve `version`, reopen. Updates run one at a
+        time, and every token is recorded with the version that produced it."""
+        from lightning_ray.weights import PATHS
+
         async with self._update_lock:
             t0 = time.perf_counter()
             self._open.clear()
             try:
+                if self._resumable:
+                    self._interrupted |= self._resumable
+                    await self.engine.abort(list(self._resumable))
                 await self._drained.wait()
                 t_drain = time.perf_counter() - t0
-                counts = await load()
+                async with PATHS[path].stage(payload, f"{self.replica}-v{version}") as staged:
+                    counts = await self._on_workers(
+                        WeightReceiverExtension.receive_weights, path, staged, self.replica
+                    )
                 await self.engine.reset_prefix_cache()
                 self.version = version
             finally:
@@ -201,83 +279,15 @@ class InferenceServer:
             "total_s": time.perf_counter() - t0,
         }
 
-    async def update_weights(self, state: list[ray.ObjectRef], version: int) -> dict[str, Any]:
-        """Replace the weights with the state dict behind `state[0]` (wrapped in a list so Ray does not resolve
-        it in the caller), drain in-flight requests first, and serve `version` afterwards."""
-        from lightning_ray.inference.weights import write_shared
+    async def close_weights(self) -> None:
+        await self._on_workers(WeightReceiverExtension.close_weights)
 
-        async def load() -> list[int]:
-            weights = await state[0]
-            path = write_shared(weights, tag=f"{self.replica}-v{version}")
-            try:
-                return await self.engine.collective_rpc("reload_from_file", args=(str(path),))
-            finally:
-                path.unlink(missing_ok=True)
-
-        return await self._swap_weights(load, version)
-
-    # Collective weight sync (`inference.weight_sync: collective`, driven by lightning_ray.weight_sync): every
-    # vLLM worker of this engine is a rank of a process group whose rank 0 is learner rank 0.
-
-    async def weight_group_status(self, backend: str) -> dict[str, Any]:
-        """This replica's weight group (None unless all its workers are in the same one), how many vLLM workers
-        it has (one rank each), its Ray node (its TP workers share it: STRICT_PACK) and the GPUs they would
-        use under `backend`. The ipc hand-off reads the same status."""
-        workers = await self.engine.collective_rpc("weight_group_status", args=(backend,))
-        ids = {(w["group_id"], w["world_size"]) for w in workers}
-        group_id, world_size = ids.pop() if len(ids) == 1 else (None, None)
-        return {
-            "replica": self.replica,
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "group_id": group_id,
-            "world_size": world_size,
-            "workers": len(workers),
-            "devices": [w["device"] for w in workers],
-        }
-
-    async def join_weight_group(self, spec: dict[str, Any], rank_offsets: dict[str, int]) -> str:
-        """Join the weight group `spec`, this replica's workers from rank `rank_offsets[replica]` on; returns
-        once every rank joined (or fails after the group's timeout)."""
-        if self.replica not in rank_offsets:
-            raise RuntimeError(
-                f"replica {self.replica} was not counted when weight group {spec['group_id']} was sized "
-                "(it started in the meantime); the next update rebuilds the group"
-            )
-        await self.engine.collective_rpc("join_weight_group", args=(spec, rank_offsets[self.replica]))
-        return spec["group_id"]
-
-    async def receive_weights(self, group_id: str, version: int) -> dict[str, Any]:
-        """Like `update_weights`, with the tensors broadcast by learner rank 0 through weight group `group_id`
-        (the learner's send must run concurrently)."""
-
-        async def load() -> list[int]:
-            return await self.engine.collective_rpc("receive_weights", args=(group_id,))
-
-        return await self._swap_weights(load, version)
-
-    async def receive_shared_weights(
-        self, payload: dict[str, Any], consumer_offsets: dict[str, int], version: int
-    ) -> dict[str, Any]:
-        """Like `update_weights`, with the tensors mapped from buffers learner rank 0 shares by handle
-        (`inference.weight_sync: ipc`); this replica's workers use the handles from
-        `consumer_offsets[replica]` on."""
-        if self.replica not in consumer_offsets:
-            raise RuntimeError(
-                f"replica {self.replica} was not counted when the weight hand-off of version {version} was "
-                "prepared (it started in the meantime); the next update includes it"
-            )
-
-        async def load() -> list[int]:
-            args = (payload, consumer_offsets[self.replica])
-            return await self.engine.collective_rpc("load_shared_weights", args=args)
-
-        return await self._swap_weights(load, version)
-
-    async def close_weight_group(self) -> None:
-        await self.engine.collective_rpc("close_weight_group")
+    async def _on_workers(self, method: Callable[..., Any], *args: Any) -> list[Any]:
+        """Call a `WeightReceiverExtension` method on every vLLM worker of this engine (one result each)."""
+        return await self.engine.collective_rpc(method.__name__, args=args)
 
     async def weights_checksum(self) -> str:
-        return (await self.engine.collective_rpc("weights_checksum"))[0]
+        return (await self._on_workers(WeightReceiverExtension.weights_checksum))[0]
 
     def policy_version(self) -> int:
         return self.version
@@ -350,9 +360,3 @@ def deploy_inference(
 
 def inference_handle(app_name: str = APP_NAME) -> serve.handle.DeploymentHandle:
     return serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name)
-
-
-def broadcast_weights(state_ref: ray.ObjectRef, version: int, handle=None) -> list[dict[str, Any]]:
-    """Push one object-store state dict to every replica (one `ray.put` by the caller, no per-replica copy)."""
-    handle = handle or inference_handle()
-    return handle.broadcast("update_weights", [state_ref], version).results()

@@ -17,17 +17,7 @@ import pyarrow.compute as pc
 import torch
 
 from lightning_ray.algorithms.advantages import ADVANTAGE_COLUMN
-
-
-def list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(flat values, per-row lengths) of a list column."""
-    column = table.column(name)
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if len(arr) == 0:
-        return np.zeros(0, dtype=arr.type.value_type.to_pandas_dtype()), np.zeros(0, dtype=np.int64)
-    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
-    values = arr.flatten().to_numpy(zero_copy_only=False)
-    return values, lengths
+from lightning_ray.data.schema import list_column
 
 
 def scatter_rows(values: np.ndarray, lengths: np.ndarray, end_cols: np.ndarray, out: np.ndarray) -> None:

@@ -8,6 +8,7 @@ stages need each rank in every forward, backward, gather and checkpoint.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ class LearnerGroup:
             for rank in range(n)
         ]
         t0 = time.perf_counter()
-        addresses = ray.get([w.address.remote() for w in self.workers], timeout=timeout_s)
+        addresses = self._all(lambda w: w.address.remote(), timeout=timeout_s)
         one_node = len({a["node_id"] for a in addresses}) == 1
         master_addr = "127.0.0.1" if one_node else addresses[0]["ip"]
         master_port = addresses[0]["port"]
@@ -86,8 +87,12 @@ class LearnerGroup:
         self.backend = infos[0]["backend"]
         self.trainable_params = infos[0]["trainable_params"]
 
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        return ray.get([getattr(w, method).remote(*args, **kwargs) for w in self.workers])
+    def _all(
+        self, call: Callable[[ray.actor.ActorHandle], ray.ObjectRef], timeout: float | None = None
+    ) -> list[Any]:
+        """Make `call` on every rank at once (ZeRO needs each rank in every collective) and wait for the
+        results, in rank order: `self._all(lambda w: w.save_checkpoint.remote(path))`."""
+        return ray.get([call(w) for w in self.workers], timeout=timeout)
 
     def _shards(self, table: pa.Table | ray.ObjectRef) -> tuple[list[ray.ObjectRef], list[np.ndarray]]:
         if isinstance(table, ray.ObjectRef):
@@ -127,55 +132,16 @@ class LearnerGroup:
 
         Tied weights appear once under their first name (SmolLM2: `model.embed_tokens.weight`, no
         `lm_head.weight`), as in a `save_pretrained` folder; a consumer re-ties the output layer."""
-        return self._call("state_dict_ref")[0]
-
-    # Collective weight sync (see lightning_ray.weight_sync): learner rank 0 is rank 0 of the weight group.
-
-    def open_weight_group(self, world_size: int, backend: str, timeout_s: float) -> dict[str, Any]:
-        """A new weight group hosted by rank 0 (its old one left); returns the spec the vLLM workers join."""
-        return ray.get(self.workers[0].open_weight_group.remote(world_size, backend, timeout_s))
-
-    def join_weight_group(self) -> ray.ObjectRef:
-        """Rank 0 joins as rank 0; the ref resolves once every vLLM worker joined too (start theirs after)."""
-        return self.workers[0].join_weight_group.remote()
-
-    def weight_group_spec(self) -> dict[str, Any] | None:
-        return ray.get(self.workers[0].weight_group_spec.remote())
-
-    def weight_device_identity(self, backend: str) -> str | None:
-        """Rank 0's GPU (UUID) under NCCL, None under gloo."""
-        return ray.get(self.workers[0].weight_device_identity.remote(backend))
-
-    def send_weights(self) -> list[ray.ObjectRef]:
-        """Start the broadcast of the weights into the weight group; every rank takes part (ZeRO-3 gathers),
-        rank 0's ref resolves to its byte and tensor counts. The receivers must be started concurrently."""
-        return [w.send_weights.remote() for w in self.workers]
-
-    def close_weight_group(self) -> None:
-        ray.get(self.workers[0].close_weight_group.remote())
-
-    # ipc weight hand-off (see lightning_ray.weight_ipc): rank 0 shares packed buffers with same-node workers.
-
-    def weight_ipc_identity(self, backend: str) -> dict[str, Any]:
-        """Rank 0's Ray node, and its GPU (UUID) under nccl."""
-        return ray.get(self.workers[0].weight_ipc_identity.remote(backend))
-
-    def share_weights(self, consumers: int, backend: str) -> dict[str, Any]:
-        """Rank 0's hand-off payload for `consumers` vLLM workers (every rank gathers under ZeRO-3); its buffers
-        stay alive until `release_shared_weights`."""
-        return self._call("share_weights", consumers, backend)[0]
-
-    def release_shared_weights(self) -> None:
-        ray.get(self.workers[0].release_shared_weights.remote())
+        return self._all(lambda w: w.state_dict_ref.remote())[0]
 
     def save_checkpoint(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """HF folder + DeepSpeed state under `path` (must be visible to every rank's node)."""
-        self._call("save_checkpoint", str(path), extra)
+        self._all(lambda w: w.save_checkpoint.remote(str(path), extra))
         return Path(path)
 
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
         """Resume weights and optimizer from `save_checkpoint`; returns its marker (incl. `extra`)."""
-        return self._call("load_checkpoint", str(path))[0]
+        return self._all(lambda w: w.load_checkpoint.remote(str(path)))[0]
 
     def shutdown(self) -> None:
         """Kill the ranks and free their placement group (weights put by `state_dict_ref` go with rank 0)."""

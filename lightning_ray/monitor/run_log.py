@@ -76,17 +76,19 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def step_line(step: int, total: int, m: dict[str, Any]) -> str:
-    """The one-line summary printed after each step."""
+    """The one-line summary printed after each step; the sync part names the policy version the replicas now
+    serve (`sync v3 0.61s`), so a user sees that each weight update landed."""
 
     def f(key: str, fmt: str = ".3f") -> str:
         v = m.get(key)
         return "-" if v is None else format(v, fmt)
 
+    version = "" if m.get("sync/version") is None else f" v{m['sync/version']}"
     return (
         f"step {step}/{total} | reward {f('rollout/reward_mean')} | ok {f('rollout/success_rate', '.0%')} "
         f"| val {f('val/success_rate', '.0%')} | loss {f('learner/loss', '.4f')} | kl {f('learner/kl', '.4f')} "
         f"| clip {f('learner/clip_frac', '.3f')} | rollout {f('time/rollout_s', '.1f')}s "
-        f"learner {f('time/learner_s', '.1f')}s sync {f('time/broadcast_s', '.2f')}s"
+        f"learner {f('time/learner_s', '.1f')}s sync{version} {f('time/broadcast_s', '.2f')}s"
     )
 
 

@@ -1,7 +1,8 @@
 """Per-batch rollout summary: success rate, reward statistics, failures by kind, recurring failure patterns.
 
-`summarize_batch` takes the final records of one batch (`TaskPool.batch_results`, or dicts with the same
-keys); `check_failure_rate` stops a run whose rollouts mostly fail, with the diagnosis in the exception.
+`summarize_batch` takes the final records of one batch (`RolloutRecord`s from `TaskPool.batch_results`, or
+dicts with the same keys); `check_failure_rate` stops a run whose rollouts mostly fail, with the diagnosis in
+the exception.
 """
 
 from __future__ import annotations

@@ -11,8 +11,7 @@ import pyarrow.compute as pc
 import ray
 from tqdm import tqdm
 
-from lightning_ray.data.schema import TRANSITION_SCHEMA
-from lightning_ray.data.trajectories import ROLLOUT_SCHEMA, concat_refs
+from lightning_ray.data.schema import GROUP_TABLES, concat_refs
 from lightning_ray.monitor.summary import BatchSummary, summarize_batch
 
 
@@ -36,8 +35,8 @@ def collect_batch(
 ) -> Batch:
     """Start a batch of `num_tasks` tasks (x group size) on the pool, let every worker drain it, and return it.
 
-    Tables come back as the object refs the workers reported, concatenated once here; each group's table is
-    referenced by all of its rollouts, so refs are de-duplicated first.
+    Tables come back as the object refs the workers reported (`TaskPoolActor.report_group`), concatenated once
+    here; each group's tables are the result of all of its rollouts, so they are de-duplicated first.
     """
     t0 = time.perf_counter()
     batch_id = ray.get(pool.start_batch.remote(num_tasks, group_size))
@@ -53,20 +52,23 @@ def collect_batch(
             bar.refresh()
     ray.get(work)  # re-raise a worker's crash here
     records = ray.get(pool.batch_results.remote(batch_id))
-    refs: dict[bytes, dict[str, ray.ObjectRef]] = {}
-    for r in records:
-        if isinstance(r.result, dict) and "transitions" in r.result:
-            refs[r.result["transitions"].binary()] = r.result
+    groups = {
+        tuple(ref.binary() for ref in r.result.values()): r.result
+        for r in records
+        if isinstance(r.result, dict)
+    }
     accepted = {r.rollout_id: r.attempts for r in records if r.status != "abandoned"}
-    transitions = _accepted_rows(
-        concat_refs([v["transitions"] for v in refs.values()], TRANSITION_SCHEMA), accepted
-    )
-    rollouts = _accepted_rows(concat_refs([v["rollouts"] for v in refs.values()], ROLLOUT_SCHEMA), accepted)
+    tables = {
+        name: accepted_rows(concat_refs([g[name] for g in groups.values()], schema), accepted)
+        for name, schema in GROUP_TABLES.items()
+    }
     ray.get(pool.forget_batch.remote(batch_id))
-    return Batch(transitions, rollouts, records, summarize_batch(records), time.perf_counter() - t0)
+    return Batch(
+        tables["transitions"], tables["rollouts"], records, summarize_batch(records), time.perf_counter() - t0
+    )
 
 
-def _accepted_rows(table: pa.Table, accepted: dict[str, int]) -> pa.Table:
+def accepted_rows(table: pa.Table, accepted: dict[str, int]) -> pa.Table:
     """Rows of the attempt the pool accepted: a group table can hold a rollout whose report came too late
     (its lease had been revoked and it ran again elsewhere)."""
     ids = pa.array(list(accepted), pa.string())

@@ -6,47 +6,13 @@ import json
 from typing import Any
 
 import ray
-from ray import serve
 
 from lightning_ray.config import Config
-from lightning_ray.data.trajectories import write_parquet
-from lightning_ray.inference.server import APP_NAME, FROZEN_APP_NAME, deploy_inference
-from lightning_ray.models import resolve_model
+from lightning_ray.data.schema import write_parquet
 from lightning_ray.monitor.metrics import record_batch_metrics
 from lightning_ray.rollouts.collect import collect_batch
-from lightning_ray.rollouts.worker import start_rollout_workers
+from lightning_ray.rollouts.stack import start_rollout_stack, stop_rollout_stack
 from lightning_ray.runtime import init_ray, new_run_dir
-from lightning_ray.tasks.actor import task_pool_from_config
-
-
-def deploy_policies(cfg: Config) -> Any:
-    """The live policy's inference app, and with `rollout.frozen_agents` a frozen snapshot of it: the same model
-    at its starting weights under `FROZEN_APP_NAME`, which weight broadcasts (to the live handle) never reach.
-    Returns the live handle; gateways find the frozen app by name."""
-    model_dir = resolve_model(cfg.model.path)
-    live = deploy_inference(model_dir, cfg.model, cfg.inference)
-    if cfg.rollout.frozen_agents:
-        deploy_inference(model_dir, cfg.model, cfg.inference, app_name=FROZEN_APP_NAME)
-    return live
-
-
-def start_rollout_stack(cfg: Config, split: str = "train") -> tuple[Any, Any, list[Any]]:
-    """Inference replicas (live, and frozen if configured), the split's TaskPool and the rollout workers, in that
-    order; returns the live inference handle, the pool and the workers."""
-    inference = deploy_policies(cfg)
-    pool = task_pool_from_config(cfg, split=split)
-    workers = start_rollout_workers(cfg, pool)
-    return inference, pool, workers
-
-
-def stop_rollout_stack(workers: list[Any], pools: list[Any]) -> None:
-    """Stop the workers (agent teardown, gateway) and the pools; the inference apps (live and frozen, when
-    deployed) go with `serve.delete`."""
-    ray.get([w.stop.remote() for w in workers])
-    for actor in [*workers, *(p for p in pools if p is not None)]:
-        ray.kill(actor)
-    for app in (APP_NAME, FROZEN_APP_NAME):
-        serve.delete(app)  # a no-op for an app that is not deployed
 
 
 def run_rollout(cfg: Config, limit: int | None = None, split: str = "train") -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 One worker = one asyncio loop + one gateway sidecar + the user's agent. It leases rollouts from the TaskPool,
 runs up to `rollout.concurrency` of them concurrently (sync agents in a thread pool), enforces the timeout,
-classifies every ending, and turns each finished group into Arrow tables in the object store. The tables are
-owned by the TaskPool actor (`pool.adopt`), so a worker that dies after reporting loses nothing.
+classifies every ending, and reports each finished group to the pool in one call: its Arrow tables, which the
+TaskPool actor then owns (so a worker that dies after reporting loses nothing), and how each rollout ended.
 """
 
 from __future__ import annotations
@@ -22,13 +22,10 @@ from lightning_ray.agent import LLM
 from lightning_ray.agent.api import call_agent, load_agent
 from lightning_ray.agent.rewards import EmittedReward, coerce_reward, open_reward_sink, rollout_reward
 from lightning_ray.config import Config
-from lightning_ray.data.schema import Transition
-from lightning_ray.data.trajectories import RolloutResult, rollouts_table, transitions_table
+from lightning_ray.data.schema import FinishedRollout, Transition, group_tables
 from lightning_ray.monitor.errors import classify_outcome
 from lightning_ray.rollouts import capture
-from lightning_ray.tasks.pool import Lease
-
-POLL_S = 0.1
+from lightning_ray.tasks.records import Lease, RolloutReport
 
 
 def credit_emitted(transitions: list[Transition], emitted: list[EmittedReward]) -> None:
@@ -40,6 +37,18 @@ def credit_emitted(transitions: list[Transition], emitted: list[EmittedReward]) 
     for t in transitions:
         if t.call_index in per_call:
             t.reward = per_call[t.call_index]
+
+
+def _report_of(r: FinishedRollout) -> RolloutReport:
+    failure = None
+    if r.status != "succeeded":
+        failure = {
+            "kind": r.failure_kind,
+            "exc_type": r.error_type,
+            "message": r.error_message or "",
+            "traceback": r.traceback or "",
+        }
+    return RolloutReport(r.rollout_id, r.attempt, r.status, r.failure_kind, r.reward, failure)
 
 
 def reward_dims(emitted: list[EmittedReward]) -> dict[str, float]:
@@ -63,7 +72,6 @@ class RolloutWorker:
             max_workers=self.cfg.rollout.concurrency, thread_name_prefix="agent"
         )
         self.gateway = None
-        self._held: dict[str, Lease] = {}
         capture.install()
 
     async def start(self) -> str:
@@ -85,83 +93,70 @@ class RolloutWorker:
         """Lease and run rollouts until the batch is done; returns counts of what this worker ran.
 
         `pool` runs a batch of another TaskPool (validation); `sampling` overrides the configured sampling
-        the agents are given (e.g. `{"temperature": 0.0}` for greedy validation)."""
+        the agents are given (e.g. `{"temperature": 0.0}` for greedy validation).
+
+        One lease call is always out while there is room for more rollouts; the pool answers it as soon as work
+        comes in (or the batch is done), so neither an idle nor a busy worker polls.
+        """
         pool = pool or self.pool
-        running: dict[asyncio.Task, Lease] = {}
-        finished: dict[str, list[RolloutResult]] = defaultdict(list)
+        running: dict[asyncio.Future, Lease] = {}
+        finished: dict[str, list[FinishedRollout]] = defaultdict(list)
         counts = {"rollouts": 0, "tables": 0}
-        last_renew = time.monotonic()
+        asking: asyncio.Future | None = None  # the lease call that is out
+        batch_done = False  # the pool said so: ask for no more work, finish what runs
         renew_every = self.cfg.rollout.lease_timeout_s / 3
+        next_renew = time.monotonic() + renew_every
         while True:
             free = self.cfg.rollout.concurrency - len(running)
-            leases = await pool.lease.remote(self.worker_id, free) if free > 0 else []
-            for lease in leases:
-                self._held[lease.rollout_id] = lease
-                running[asyncio.create_task(self._run_one(lease, sampling or {}))] = lease
-            if not running:
-                if await pool.batch_done.remote(batch_id):
-                    return counts
-                await asyncio.sleep(POLL_S)
-                continue
-            done, _ = await asyncio.wait(running, timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
+            if asking is None and free > 0 and not batch_done:
+                asking = asyncio.ensure_future(
+                    pool.lease.remote(self.worker_id, free, wait_s=renew_every, batch_id=batch_id)
+                )
+            if batch_done and not running:
+                return counts
+            waiting = [*running, *([asking] if asking is not None else [])]
+            timeout = max(0.0, next_renew - time.monotonic())
+            done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if asking in done:
+                leases, asking = asking.result(), None
+                for lease in leases:
+                    running[asyncio.create_task(self._run_one(lease, sampling or {}))] = lease
+                if not leases:
+                    batch_done = await pool.batch_done.remote(batch_id)
+            for task in done & running.keys():
                 lease = running.pop(task)
-                if task.cancelled():
-                    self._held.pop(lease.rollout_id, None)
-                    continue
-                finished[lease.group_id].append(task.result())
-                counts["rollouts"] += 1
-            # A group's table goes out once this worker runs none of its rollouts any more.
+                if not task.cancelled():
+                    finished[lease.group_id].append(task.result())
+                    counts["rollouts"] += 1
+            # A group goes out once this worker runs none of its rollouts any more.
             active_groups = {lease.group_id for lease in running.values()}
             for group_id in [g for g in finished if g not in active_groups]:
                 await self._report(pool, finished.pop(group_id))
                 counts["tables"] += 1
-            if time.monotonic() - last_renew > renew_every:
-                held = [(lease.rollout_id, lease.attempt) for lease in running.values()]
-                kept = set(await pool.renew.remote(self.worker_id, held))
-                for task, lease in running.items():
-                    if lease.rollout_id not in kept:
-                        task.cancel()  # revoked: someone else runs it now
-                last_renew = time.monotonic()
+            if time.monotonic() >= next_renew:
+                if running:
+                    held = [(lease.rollout_id, lease.attempt) for lease in running.values()]
+                    kept = set(await pool.renew.remote(self.worker_id, held))
+                    for task, lease in running.items():
+                        if lease.rollout_id not in kept:
+                            task.cancel()  # revoked: someone else runs it now
+                next_renew = time.monotonic() + renew_every
 
-    async def _report(self, pool: Any, results: list[RolloutResult]) -> None:
-        refs = await pool.adopt.remote(
-            {"transitions": transitions_table(results), "rollouts": rollouts_table(results)}
-        )
-        for r in results:
-            lease = self._held.pop(r.rollout_id)
-            failure = None
-            if r.status != "succeeded":
-                failure = {
-                    "kind": r.failure_kind,
-                    "exc_type": r.error_type,
-                    "message": r.error_message or "",
-                    "traceback": r.traceback or "",
-                }
-            await pool.complete.remote(
-                r.rollout_id,
-                lease.attempt,
-                r.status,
-                kind=r.failure_kind,
-                reward=r.reward,
-                failure=failure,
-                result=refs,
-            )
+    async def _report(self, pool: Any, rollouts: list[FinishedRollout]) -> None:
+        """The group's tables and how each of its rollouts ended, in one call to the pool."""
+        await pool.report_group.remote(group_tables(rollouts), [_report_of(r) for r in rollouts])
 
-    async def _run_one(self, lease: Lease, overrides: dict[str, Any]) -> RolloutResult:
+    async def _run_one(self, lease: Lease, overrides: dict[str, Any]) -> FinishedRollout:
         rid = lease.rollout_id
-        sampling = self.cfg.inference.sampling.model_copy(update=overrides)
-        self.gateway.open_rollout(rid)
         llm = LLM.for_rollout(
             self.gateway.url,
             rid,
             api_key=self.gateway.api_key,
             model=self.gateway.served_model,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            max_tokens=sampling.max_tokens,
+            sampling=self.cfg.inference.sampling,
+            **overrides,
         )
+        self.gateway.open_rollout(rid)
         exception, timed_out, returned = None, False, None
         t0 = time.perf_counter()
 
@@ -195,7 +190,7 @@ class RolloutWorker:
             last_finish_reason=transitions[-1].finish_reason if transitions else None,
             llm_base_url=llm.base_url,
         )
-        return RolloutResult(
+        return FinishedRollout(
             rollout_id=rid,
             task_id=lease.task_id,
             group_id=lease.group_id,

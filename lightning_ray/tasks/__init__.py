@@ -4,12 +4,13 @@
 """
 
 from lightning_ray.tasks.dataset import DatasetError, Task, load_tasks
-from lightning_ray.tasks.pool import (
+from lightning_ray.tasks.pool import TaskPool
+from lightning_ray.tasks.records import (
     FINAL_STATUSES,
     Lease,
-    RolloutResult,
+    RolloutRecord,
+    RolloutReport,
     RolloutStatus,
-    TaskPool,
     WorkerDeadError,
 )
 
@@ -17,7 +18,8 @@ __all__ = [
     "FINAL_STATUSES",
     "DatasetError",
     "Lease",
-    "RolloutResult",
+    "RolloutRecord",
+    "RolloutReport",
     "RolloutStatus",
     "Task",
     "TaskPool",

@@ -1,17 +1,22 @@
 """The TaskPool as a named Ray actor: a thin async wrapper that adds waiting, lease expiry and liveness pings.
 
 All methods run on the actor's one event loop and call the plain `TaskPool` synchronously, so its state is
-never touched concurrently. A background loop expires leases and pings registered worker handles every
-`check_interval_s`; a worker whose ping raises `ActorDiedError` is reported dead and its leases go back to
-the queue. A ping that is merely slow (a busy sync actor) proves nothing and is ignored: lease deadlines
-cover hung workers.
+never touched concurrently. Most are the plain methods as they are (`_forward`); the actor adds waiting (an
+idle worker's `lease(wait_s=...)` and `wait_batch` sleep on one change event, set whenever rollouts are queued,
+requeued or finished) and owning a finished group's tables (`report_group`).
+
+A background loop expires leases and pings registered worker handles every `check_interval_s`; a worker whose
+ping raises `ActorDiedError` is reported dead and its leases go back to the queue. A ping that is merely slow
+(a busy sync actor) proves nothing and is ignored: lease deadlines cover hung workers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +24,8 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from lightning_ray.tasks.dataset import Task, load_tasks
-from lightning_ray.tasks.pool import Lease, RolloutResult, TaskPool
+from lightning_ray.tasks.pool import TaskPool
+from lightning_ray.tasks.records import Lease, RolloutReport
 
 if TYPE_CHECKING:
     from lightning_ray.config import Config
@@ -29,8 +35,24 @@ log = logging.getLogger(__name__)
 DEFAULT_POOL_NAME = "lightning_ray.task_pool"
 
 
+def _forward(method: Callable[..., Any], *, notify: bool = False) -> Callable[..., Any]:
+    """`TaskPool.<method>` as a method of the actor (same name, signature and docstring, so Ray checks the
+    arguments of `.remote(...)` against it). `notify`: the call can queue, requeue or finish rollouts, so
+    whoever waits for a change (`lease(wait_s=...)`, `wait_batch`) looks again."""
+
+    @functools.wraps(method)
+    async def forward(self: TaskPoolActor, *args: Any, **kwargs: Any) -> Any:
+        self._start()
+        out = method(self._pool, *args, **kwargs)
+        if notify:
+            self._notify()
+        return out
+
+    return forward
+
+
 class TaskPoolActor:
-    """Use through `create_task_pool` / `get_task_pool`; every `TaskPool` method is here as a remote method."""
+    """Use through `create_task_pool` / `get_task_pool`; the `TaskPool` API, as remote methods."""
 
     def __init__(
         self,
@@ -46,6 +68,63 @@ class TaskPoolActor:
         self._changed: asyncio.Event | None = None
         self._watcher: asyncio.Task | None = None
 
+    # ---- the TaskPool API, each call a plain call on the actor's loop ---------------------------------------
+
+    register_worker = _forward(TaskPool.register_worker)
+    report_worker_dead = _forward(TaskPool.report_worker_dead, notify=True)
+    start_batch = _forward(TaskPool.start_batch, notify=True)
+    renew = _forward(TaskPool.renew)
+    complete = _forward(TaskPool.complete, notify=True)
+    batch_results = _forward(TaskPool.batch_results)
+    groups = _forward(TaskPool.groups)
+    cancel_batch = _forward(TaskPool.cancel_batch, notify=True)
+    forget_batch = _forward(TaskPool.forget_batch)
+    stats = _forward(TaskPool.stats)
+    state = _forward(TaskPool.state)
+    load_state = _forward(TaskPool.load_state)
+    num_tasks = _forward(TaskPool.num_tasks.fget)
+
+    # ---- what only the actor can do: wait, and own objects -------------------------------------------------
+
+    async def lease(
+        self, worker_id: str, max_n: int = 1, wait_s: float = 0.0, batch_id: str | None = None
+    ) -> list[Lease]:
+        """`TaskPool.lease`; with `wait_s`, an empty queue is waited on for up to `wait_s` seconds, or until
+        batch `batch_id` is done. An empty answer means: nothing came in time, or the batch is done."""
+        self._start()
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while True:
+            leases = self._pool.lease(worker_id, max_n)
+            if leases or (batch_id is not None and self._pool.batch_done(batch_id)):
+                return leases
+            if not await self._wait_for_change(deadline):
+                return []
+
+    async def batch_done(self, batch_id: str) -> bool:
+        self._start()
+        self._pool.expire_leases()
+        return self._pool.batch_done(batch_id)
+
+    async def wait_batch(self, batch_id: str, timeout_s: float | None = None) -> bool:
+        """Wait until every rollout of the batch is final; False if `timeout_s` passed first."""
+        self._start()
+        deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
+        while not self._pool.batch_done(batch_id):
+            if not await self._wait_for_change(deadline):
+                return False
+            self._pool.expire_leases()
+        return True
+
+    async def report_group(self, tables: dict[str, Any], reports: list[RolloutReport]) -> list[str]:
+        """A worker's finished group in one call: its tables (`lightning_ray.data.schema.group_tables`) become
+        objects this actor owns, so they outlive the worker that made them (Ray frees an object when its owner
+        dies), and every report is completed with them as its result. Returns `complete`'s answer for each."""
+        self._start()
+        refs = {name: ray.put(table) for name, table in tables.items()}
+        answers = self._pool.complete_all(reports, result=refs)
+        self._notify()
+        return answers
+
     # ---- background work -------------------------------------------------------------------------------
 
     def _start(self) -> None:
@@ -54,10 +133,24 @@ class TaskPoolActor:
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     def _notify(self) -> None:
-        """Wake every `wait_batch`; they re-check their batch."""
+        """Wake every waiter; they look again."""
         if self._changed is not None:
             self._changed.set()
             self._changed = asyncio.Event()
+
+    async def _wait_for_change(self, deadline: float | None) -> bool:
+        """Wait for the next `_notify`, at most until `deadline` (loop time; None: no limit) and at most one
+        check interval, since a lease that `lease`/`renew` expired in passing notifies nobody. False once the
+        deadline has passed."""
+        wait = self._check_interval_s
+        if deadline is not None:
+            wait = min(wait, deadline - asyncio.get_running_loop().time())
+        if wait <= 0:
+            return False
+        assert self._changed is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), wait)
+        return True
 
     async def _watch(self) -> None:
         while True:
@@ -90,91 +183,6 @@ class TaskPoolActor:
         if dead:
             self._notify()
         return dead
-
-    # ---- the TaskPool API ------------------------------------------------------------------------------
-
-    async def register_worker(self, worker_id: str, handle: Any = None) -> None:
-        self._start()
-        self._pool.register_worker(worker_id, handle)
-
-    async def report_worker_dead(self, worker_id: str, reason: str = "reported dead") -> list[str]:
-        self._start()
-        held = self._pool.report_worker_dead(worker_id, reason)
-        self._notify()
-        return held
-
-    async def start_batch(self, num_tasks: int, group_size: int | None = None) -> str:
-        self._start()
-        return self._pool.start_batch(num_tasks, group_size)
-
-    async def lease(self, worker_id: str, max_n: int = 1) -> list[Lease]:
-        self._start()
-        return self._pool.lease(worker_id, max_n)
-
-    async def renew(self, worker_id: str, leases: list[tuple[str, int]]) -> list[str]:
-        self._start()
-        return self._pool.renew(worker_id, leases)
-
-    async def complete(self, rollout_id: str, attempt: int, status: str, **kwargs: Any) -> str:
-        self._start()
-        outcome = self._pool.complete(rollout_id, attempt, status, **kwargs)
-        self._notify()
-        return outcome
-
-    async def batch_done(self, batch_id: str) -> bool:
-        self._start()
-        self._pool.expire_leases()
-        return self._pool.batch_done(batch_id)
-
-    async def wait_batch(self, batch_id: str, timeout_s: float | None = None) -> bool:
-        """Wait until every rollout of the batch is final; False if `timeout_s` passed first."""
-        self._start()
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout_s is None else loop.time() + timeout_s
-        while not self._pool.batch_done(batch_id):
-            wait = (
-                self._check_interval_s
-                if deadline is None
-                else min(self._check_interval_s, deadline - loop.time())
-            )
-            if wait <= 0:
-                return False
-            assert self._changed is not None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), wait)
-            self._pool.expire_leases()
-        return True
-
-    async def batch_results(self, batch_id: str) -> list[RolloutResult]:
-        return self._pool.batch_results(batch_id)
-
-    async def groups(self, batch_id: str) -> list[dict[str, Any]]:
-        return self._pool.groups(batch_id)
-
-    async def cancel_batch(self, batch_id: str, reason: str = "batch cancelled") -> int:
-        n = self._pool.cancel_batch(batch_id, reason)
-        self._notify()
-        return n
-
-    async def forget_batch(self, batch_id: str) -> None:
-        self._pool.forget_batch(batch_id)
-
-    async def stats(self, batch_id: str | None = None) -> dict[str, Any]:
-        return self._pool.stats(batch_id)
-
-    async def state(self) -> dict[str, Any]:
-        return self._pool.state()
-
-    async def load_state(self, state: dict[str, Any]) -> None:
-        self._pool.load_state(state)
-
-    async def num_tasks(self) -> int:
-        return self._pool.num_tasks
-
-    async def adopt(self, tables: dict[str, Any]) -> dict[str, ray.ObjectRef]:
-        """Put a worker's finished tables in the object store as objects this actor owns, so they outlive the
-        worker that made them (Ray frees an object when its owner dies)."""
-        return {name: ray.put(table) for name, table in tables.items()}
 
 
 def create_task_pool(

@@ -14,70 +14,24 @@ safe: the Ray actor wrapper (`actor.py`) calls it from one event loop. Deadlines
 
 from __future__ import annotations
 
-import hashlib
-import random
 import secrets
 import time
 from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 from lightning_ray.tasks.dataset import Task
-
-
-class RolloutStatus(StrEnum):
-    QUEUED = "queued"
-    LEASED = "leased"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    TIMED_OUT = "timed_out"
-    ABANDONED = "abandoned"
-
-
-FINAL_STATUSES = frozenset(
-    {RolloutStatus.SUCCEEDED, RolloutStatus.FAILED, RolloutStatus.TIMED_OUT, RolloutStatus.ABANDONED}
+from lightning_ray.tasks.order import TaskOrder
+from lightning_ray.tasks.records import (
+    FINAL_STATUSES,
+    REPORTABLE_STATUSES,
+    Lease,
+    RolloutRecord,
+    RolloutReport,
+    RolloutStatus,
+    WorkerDeadError,
 )
-REPORTABLE_STATUSES = frozenset({RolloutStatus.SUCCEEDED, RolloutStatus.FAILED, RolloutStatus.TIMED_OUT})
-
-
-class WorkerDeadError(RuntimeError):
-    """A worker that was reported dead asked for work; it must register again under a new id."""
-
-
-@dataclass(frozen=True)
-class Lease:
-    """One rollout handed to a worker. Report it with `complete(rollout_id, attempt, ...)` before
-    `expires_at` (wall-clock seconds), or extend it with `renew`."""
-
-    rollout_id: str
-    attempt: int
-    batch_id: str
-    group_id: str
-    group_size: int
-    index_in_group: int
-    task_id: str
-    task: dict[str, Any]
-    expires_at: float
-
-
-@dataclass(frozen=True)
-class RolloutResult:
-    """The recorded end of one rollout (or its current state, before it ends)."""
-
-    rollout_id: str
-    batch_id: str
-    group_id: str
-    index_in_group: int
-    task_id: str
-    status: str
-    attempts: int
-    worker_id: str | None
-    kind: str | None
-    reward: float | None
-    failure: dict[str, Any] | None
-    result: Any
-    history: tuple[dict[str, Any], ...]
 
 
 @dataclass
@@ -149,15 +103,10 @@ class TaskPool:
                 f"group_size ({group_size}) and max_attempts ({max_attempts}) must be >= 1, "
                 f"lease_timeout_s ({lease_timeout_s}) > 0"
             )
-        self._tasks = list(tasks)
         self.group_size = group_size
         self.max_attempts = max_attempts
         self.lease_timeout_s = lease_timeout_s
-        self.shuffle = shuffle
-        self.seed = seed
-        self._epoch = 0
-        self._cursor = 0
-        self._order = self._epoch_order(0)
+        self._order = TaskOrder(tasks, shuffle=shuffle, seed=seed)
         self._rollouts: dict[str, _Rollout] = {}
         self._groups: dict[str, _Group] = {}
         self._batches: dict[str, _Batch] = {}
@@ -177,54 +126,15 @@ class TaskPool:
 
     @property
     def num_tasks(self) -> int:
-        return len(self._tasks)
-
-    def _epoch_order(self, epoch: int) -> list[int]:
-        order = list(range(len(self._tasks)))
-        if self.shuffle:
-            random.Random(f"lightning-ray:{self.seed}:{epoch}").shuffle(order)
-        return order
-
-    def _draw(self, n: int) -> list[Task]:
-        drawn = []
-        for _ in range(n):
-            if self._cursor >= len(self._order):
-                self._epoch += 1
-                self._cursor = 0
-                self._order = self._epoch_order(self._epoch)
-            drawn.append(self._tasks[self._order[self._cursor]])
-            self._cursor += 1
-        return drawn
-
-    def _digest(self) -> str:
-        return hashlib.sha256("\0".join(t.task_id for t in self._tasks).encode()).hexdigest()
+        return len(self._order)
 
     def state(self) -> dict[str, Any]:
         """The data position after every batch started so far. Save it with a checkpoint taken between
         steps; `load_state` on a pool over the same dataset then draws exactly the tasks that come next."""
-        return {
-            "version": 1,
-            "epoch": self._epoch,
-            "cursor": self._cursor,
-            "shuffle": self.shuffle,
-            "seed": self.seed,
-            "num_tasks": len(self._tasks),
-            "tasks_digest": self._digest(),
-        }
+        return self._order.state()
 
     def load_state(self, state: dict[str, Any]) -> None:
-        expected = {"shuffle": self.shuffle, "seed": self.seed, "num_tasks": len(self._tasks)}
-        mismatched = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
-        if mismatched:
-            detail = ", ".join(f"{k}: saved {s!r}, now {n!r}" for k, (s, n) in mismatched.items())
-            raise ValueError(f"cannot resume the task pool: {detail}")
-        if state.get("tasks_digest") != self._digest():
-            raise ValueError("cannot resume the task pool: the dataset's task ids or their order changed")
-        epoch, cursor = int(state["epoch"]), int(state["cursor"])
-        if epoch < 0 or not 0 <= cursor <= len(self._tasks):
-            raise ValueError(f"cannot resume the task pool: invalid position epoch={epoch} cursor={cursor}")
-        self._epoch, self._cursor = epoch, cursor
-        self._order = self._epoch_order(epoch)
+        self._order.load_state(state)
 
     # ---- batches and groups ----------------------------------------------------------------------------
 
@@ -236,7 +146,7 @@ class TaskPool:
             raise ValueError(f"num_tasks ({num_tasks}) and group_size ({group_size}) must be >= 1")
         batch_id = f"b{self._batches_started}-{secrets.token_hex(4)}"
         batch = _Batch(batch_id=batch_id, group_ids=[], rollout_ids=[], remaining=0)
-        for task in self._draw(num_tasks):
+        for task in self._order.draw(num_tasks):
             group_id = f"g-{secrets.token_hex(8)}"
             rollout_ids = [_new_id() for _ in range(group_size)]
             self._groups[group_id] = _Group(
@@ -263,9 +173,9 @@ class TaskPool:
     def batch_done(self, batch_id: str) -> bool:
         return self._batch(batch_id).remaining == 0
 
-    def batch_results(self, batch_id: str) -> list[RolloutResult]:
+    def batch_results(self, batch_id: str) -> list[RolloutRecord]:
         """Every rollout of the batch, group by group, in its current (final once the batch is done) state."""
-        return [self._result(self._rollouts[rid]) for rid in self._batch(batch_id).rollout_ids]
+        return [self._record(self._rollouts[rid]) for rid in self._batch(batch_id).rollout_ids]
 
     def groups(self, batch_id: str) -> list[dict[str, Any]]:
         return [
@@ -485,6 +395,22 @@ class TaskPool:
         )
         return "accepted"
 
+    def complete_all(self, reports: Sequence[RolloutReport], result: Any = None) -> list[str]:
+        """`complete` each report, all with the same `result` (e.g. the tables of the group they ran in); returns
+        `complete`'s answer for each."""
+        return [
+            self.complete(
+                r.rollout_id,
+                r.attempt,
+                r.status,
+                kind=r.kind,
+                reward=r.reward,
+                failure=r.failure,
+                result=result,
+            )
+            for r in reports
+        ]
+
     def _set_status(self, r: _Rollout, status: RolloutStatus) -> None:
         self._by_status[r.status] -= 1
         self._by_status[status] += 1
@@ -513,8 +439,8 @@ class TaskPool:
         if batch.remaining == 0:
             self._batches_done += 1
 
-    def _result(self, r: _Rollout) -> RolloutResult:
-        return RolloutResult(
+    def _record(self, r: _Rollout) -> RolloutRecord:
+        return RolloutRecord(
             rollout_id=r.rollout_id,
             batch_id=r.batch_id,
             group_id=r.group_id,

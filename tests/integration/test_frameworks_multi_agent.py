@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 from lightning_ray.algorithms.advantages import rollout_rewards
 from lightning_ray.data.merge import merge_prefix_turns, select_trained_calls
 from lightning_ray.gateway.render import decode
-from lightning_ray.inference.server import APP_NAME, FROZEN_APP_NAME, broadcast_weights, deploy_inference
+from lightning_ray.inference.server import APP_NAME, FROZEN_APP_NAME, deploy_inference
 from lightning_ray.models import builtin_tokenizer_dir
 from lightning_ray.rollouts.collect import collect_batch
-from lightning_ray.rollouts.run import start_rollout_stack, stop_rollout_stack
+from lightning_ray.rollouts.stack import start_rollout_stack, stop_rollout_stack
+from lightning_ray.weights.object_store import push_state
 from tests.batches import run_batch
 
 
@@ -86,9 +87,7 @@ def test_frozen_checker_through_the_rollout_stack(own_rollout_stack, tiny_config
     try:
         assert {APP_NAME, FROZEN_APP_NAME} <= set(serve.status().applications)
         original = load_file(str(tiny_model_dir / "model.safetensors"))
-        broadcast_weights(
-            ray.put({k: v + 0.1 * torch.randn_like(v) for k, v in original.items()}), 1, inference
-        )
+        push_state(inference, ray.put({k: v + 0.1 * torch.randn_like(v) for k, v in original.items()}), 1)
         batch = collect_batch(pool, workers, 2, progress=False)
     finally:
         stop_rollout_stack(workers, [pool])

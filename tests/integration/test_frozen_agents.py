@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from lightning_ray.data.schema import Transition
 from lightning_ray.gateway import Gateway, start_gateway_thread
 from lightning_ray.gateway.render import decode, encode, render_chat
-from lightning_ray.inference.server import FROZEN_APP_NAME, broadcast_weights, deploy_inference
+from lightning_ray.inference.server import FROZEN_APP_NAME, deploy_inference
+from lightning_ray.weights.object_store import push_state
 
 QUESTION = [
     {"role": "system", "content": "You check a solution."},
@@ -85,11 +86,11 @@ def test_frozen_role_keeps_the_starting_policy(gateway, inference, frozen_app, t
     original, perturbed = perturbed_weights(tiny_model_dir)
     try:
         before = one_round(gateway, rollout_id)
-        [result] = broadcast_weights(ray.put(perturbed), live_version + 1, inference)
+        [result] = push_state(inference, ray.put(perturbed), live_version + 1)
         assert result["policy_version"] == live_version + 1
         after = one_round(gateway, rollout_id)
     finally:
-        broadcast_weights(ray.put({k: v.numpy() for k, v in original.items()}), live_version + 2, inference)
+        push_state(inference, ray.put({k: v.numpy() for k, v in original.items()}), live_version + 2)
         calls = gateway.close_rollout(rollout_id)
 
     # Before the broadcast both apps hold the same weights: every role gets the same greedy answer.

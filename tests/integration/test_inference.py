@@ -10,7 +10,8 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from lightning_ray.inference.server import broadcast_weights
+from lightning_ray.inference.server import InferenceServer
+from lightning_ray.weights.object_store import push_state
 
 PROMPT = [1, 504, 3458, 314, 260, 2036, 30]
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
@@ -57,7 +58,7 @@ def test_weight_update_changes_generations_and_restores_exactly(inference, tiny_
 
     torch.manual_seed(1)
     perturbed = {k: v + 0.5 * torch.randn_like(v) for k, v in original.items()}
-    [result] = broadcast_weights(ray.put(perturbed), version + 1, inference)
+    [result] = push_state(inference, ray.put(perturbed), version + 1)
     assert result["policy_version"] == version + 1
     assert result["tensors"] == len(original)
     changed = inference.generate.remote(PROMPT, GREEDY).result()
@@ -65,7 +66,7 @@ def test_weight_update_changes_generations_and_restores_exactly(inference, tiny_
     assert changed["response_ids"] != before["response_ids"]
     assert inference.weights_checksum.remote().result() != checksum_before
 
-    broadcast_weights(ray.put({k: v.numpy() for k, v in original.items()}), version + 2, inference)
+    push_state(inference, ray.put({k: v.numpy() for k, v in original.items()}), version + 2)
     restored = inference.generate.remote(PROMPT, GREEDY).result()
     assert restored["response_ids"] == before["response_ids"]
     assert np.allclose(restored["response_logprobs"], before["response_logprobs"], atol=1e-6)
@@ -78,9 +79,74 @@ def test_update_waits_for_in_flight_requests(inference, tiny_model_dir):
     weights = ray.put(load_file(str(tiny_model_dir / "model.safetensors")))
     version = inference.policy_version.remote().result()
     long_request = inference.generate.remote(PROMPT, {"temperature": 1.0, "max_tokens": 200, "seed": 0})
-    update = inference.broadcast("update_weights", [weights], version + 1)
+    update = inference.broadcast(
+        InferenceServer.update_weights.__name__, "object_store", {"state": [weights]}, version + 1
+    )
     out = long_request.result()
     [res] = update.results()
     assert out["policy_version"] == version
     assert res["policy_version"] == version + 1
     assert inference.generate.remote(PROMPT, GREEDY).result()["policy_version"] == version + 1
+
+
+@pytest.fixture(scope="module")
+def interruptible(ray_cluster, tiny_config, tiny_model_dir):
+    """A second deployment whose weight updates interrupt requests in flight (`inference.on_update`)."""
+    from ray import serve
+
+    from lightning_ray.inference.server import deploy_inference
+
+    icfg = tiny_config.inference.model_copy(update={"on_update": "interrupt"})
+    yield deploy_inference(tiny_model_dir, tiny_config.model, icfg, app_name="lightning-ray-interrupt-test")
+    serve.delete("lightning-ray-interrupt-test")
+
+
+def test_interrupted_request_goes_on_with_the_new_weights_and_exact_ids(interruptible, tiny_model_dir):
+    """A greedy request that spans an update: its tokens before the update come from the old version, those
+    after from the new one, and the part after is exactly what the new weights generate from the prompt plus
+    the part before (ids and log-probs)."""
+    original = load_file(str(tiny_model_dir / "model.safetensors"))
+    torch.manual_seed(2)
+    perturbed = ray.put({k: v + 0.3 * torch.randn_like(v) for k, v in original.items()})
+    version = interruptible.policy_version.remote().result()
+    sampling = {"temperature": 0.0, "max_tokens": 900}
+
+    async def spanning_request():
+        # Company in the engine's batch, so that the update lands while the request still has tokens to go.
+        others = [
+            interruptible.generate.remote(PROMPT, {"temperature": 1.0, "max_tokens": 900, "seed": i})
+            for i in range(8)
+        ]
+        deltas, update = [], None
+        async for d in interruptible.options(stream=True).generate_stream.remote(PROMPT, sampling):
+            deltas.append(d)
+            if update is None and sum(len(x["response_ids"]) for x in deltas) >= 8:
+                # From a thread, as the driver's sync does: a broadcast is sent when its results are awaited.
+                update = asyncio.create_task(
+                    asyncio.to_thread(push_state, interruptible, perturbed, version + 1)
+                )
+        for other in others:
+            out = await other
+            assert len(out["response_versions"]) == len(out["response_ids"]) == len(out["response_logprobs"])
+        return deltas, (await update)[0]
+
+    try:
+        deltas, res = asyncio.run(spanning_request())
+        assert res["policy_version"] == version + 1
+        ids = [t for d in deltas for t in d["response_ids"]]
+        lps = [lp for d in deltas for lp in d["response_logprobs"]]
+        versions = [d["policy_version"] for d in deltas for _ in d["response_ids"]]
+        assert len(lps) == len(ids) <= sampling["max_tokens"]
+        assert deltas[-1]["finish_reason"] in ("stop", "length")
+        assert versions == sorted(versions) and set(versions) == {version, version + 1}, (
+            f"no token after the update: {len(ids)} tokens, finish {deltas[-1]['finish_reason']}, {res}"
+        )
+        cut = versions.index(version + 1)
+        rest = interruptible.generate.remote(
+            PROMPT + ids[:cut], {**sampling, "max_tokens": sampling["max_tokens"] - cut}
+        ).result()
+        assert rest["response_ids"] == ids[cut:]
+        assert np.allclose(rest["response_logprobs"], lps[cut:], atol=1e-4)
+        assert rest["response_versions"] == [version + 1] * len(rest["response_ids"])
+    finally:
+        push_state(interruptible, ray.put(original), version + 2)

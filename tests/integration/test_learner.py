@@ -19,8 +19,9 @@ from lightning_ray.algorithms.advantages import compute_advantages
 from lightning_ray.config import AlgorithmConfig, LearnerConfig, LoraConfig
 from lightning_ray.data.schema import TRANSITION_SCHEMA
 from lightning_ray.learner.batch import table_to_batch
+from lightning_ray.learner.checkpoint import CHECKPOINT_MARKER
+from lightning_ray.learner.forward import forward_logprobs
 from lightning_ray.learner.group import LearnerGroup
-from lightning_ray.learner.worker import CHECKPOINT_MARKER, forward_logprobs
 
 FLOAT_TOL = 1e-5  # fp32 learner vs fp32 transformers forward of the same weights
 
@@ -166,6 +167,23 @@ def test_recompute_step_improves_the_surrogate(zero2, batch):
     assert m["logprob_diff_rollout"] > 0
 
 
+def test_decoupled_step_weights_tokens_by_the_truncated_behaviour_ratio(zero2, batch):
+    """Behaviour log-probs = proximal - log w_row: the step reports exactly those weights, truncated at the
+    cap, with the extremes taken over both ranks (group g0, rank one, holds the smallest; g1 the largest)."""
+    proximal = zero2.compute_logprobs(batch)
+    w = np.array([0.25, 0.5, 1.0, 1.5, 0.75, 1.25, 3.0, 4.0])  # per row; rows 0-3 are g0, 4-7 g1
+    table = with_logprobs(batch, [lp - np.log(x) for lp, x in zip(proximal, w, strict=True)])
+    m = zero2.train_step(table, AlgorithmConfig(old_logprobs="decoupled", tis_cap=2.0))
+    tokens = np.array([len(lp) for lp in proximal])
+    assert np.isfinite(m["loss"]) and m["ratio"] == pytest.approx(1.0, abs=1e-6)  # one step: r = 1
+    assert m["is_weight_mean"] == pytest.approx((np.minimum(w, 2.0) * tokens).sum() / tokens.sum(), rel=1e-4)
+    assert (m["is_weight_min"], m["is_weight_max"]) == pytest.approx((0.25, 2.0), rel=1e-4)
+    assert m["tis_frac"] == pytest.approx(tokens[w > 2].sum() / tokens.sum())
+    assert m["logprob_diff_rollout"] == pytest.approx(
+        (np.abs(np.log(w)) * tokens).sum() / tokens.sum(), rel=1e-3
+    )
+
+
 def test_kl_to_reference(zero2, batch):
     zero2.train_step(batch, AlgorithmConfig())  # move away from the initial (reference) weights
     m = zero2.train_step(batch, AlgorithmConfig(kl_coef=0.1, kl_estimator="k3"))
@@ -194,7 +212,8 @@ def test_one_and_two_workers_take_the_same_step(ray_cluster, tiny_model_dir, bat
 
 def test_minibatches_make_later_steps_off_policy(ray_cluster, tiny_model_dir, batch):
     """gradient_accumulation_steps=1 with 2 micro-batches per rank: two optimizer steps, the second one sees
-    ratios != 1 and, with a tiny clip range, clipping. (Also covers ZeRO-0 in bf16.)"""
+    ratios != 1 and, with a tiny clip range, clipping, for recomputed and decoupled old log-probs. (Also
+    covers ZeRO-0 in bf16.)"""
     group = LearnerGroup(
         learner_cfg(
             num_workers=1,
@@ -208,10 +227,16 @@ def test_minibatches_make_later_steps_off_policy(ray_cluster, tiny_model_dir, ba
     )
     try:
         m = group.train_step(batch, AlgorithmConfig(clip_low=1e-4, clip_high=1e-4))
+        # decoupled: the proximal log-probs come from the pass before the first update, so again clipping
+        decoupled = group.train_step(
+            batch, AlgorithmConfig(old_logprobs="decoupled", clip_low=1e-4, clip_high=1e-4)
+        )
     finally:
         group.shutdown()
-    assert m["optimizer_steps"] == 2
-    assert m["clip_frac"] > 0 and np.isfinite(m["grad_norm"])
+    for step in (m, decoupled):
+        assert step["optimizer_steps"] == 2
+        assert step["clip_frac"] > 0 and np.isfinite(step["grad_norm"]) and np.isfinite(step["loss"])
+    assert 0 < decoupled["is_weight_min"] <= decoupled["is_weight_mean"] <= decoupled["is_weight_max"] <= 2.0
 
 
 def test_checkpoint_loads_in_transformers_and_resumes_exactly(

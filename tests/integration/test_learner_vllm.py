@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from lightning_ray.algorithms.advantages import compute_advantages
 from lightning_ray.config import AlgorithmConfig, LearnerConfig
 from lightning_ray.data.schema import TRANSITION_SCHEMA
-from lightning_ray.inference.server import broadcast_weights
 from lightning_ray.learner.group import LearnerGroup
+from lightning_ray.weights.object_store import push_state
 
 VLLM_TOL = 1e-3
 SAMPLING = {"temperature": 1.0, "max_tokens": 12}
@@ -79,7 +79,7 @@ def test_learner_logprobs_match_vllm_before_and_after_broadcast(inference, ray_c
         moved = group.compute_logprobs(table)
         assert max_abs_diff(table, moved) > 10 * VLLM_TOL  # the step changed the policy measurably
 
-        [result] = broadcast_weights(group.state_dict_ref(), version + 1, inference)
+        [result] = push_state(inference, group.state_dict_ref(), version + 1)
         assert result["policy_version"] == version + 1
         fresh = sample_table(inference, prompts, seed=100)
         assert set(fresh.column("policy_version").to_pylist()) == {version + 1}
@@ -91,7 +91,7 @@ def test_learner_logprobs_match_vllm_before_and_after_broadcast(inference, ray_c
         )
     finally:
         original = load_file(str(tiny_model_dir / "model.safetensors"))
-        broadcast_weights(ray.put(original), version + 2, inference)
+        push_state(inference, ray.put(original), version + 2)
         group.shutdown()
 
 

@@ -7,6 +7,7 @@ import time
 import urllib.request
 import uuid
 
+import pyarrow as pa
 import pytest
 import ray
 
@@ -16,7 +17,7 @@ from lightning_ray.monitor import (
     record_batch_metrics,
     summarize_batch,
 )
-from lightning_ray.tasks import FINAL_STATUSES, Task, create_task_pool, get_task_pool
+from lightning_ray.tasks import FINAL_STATUSES, RolloutReport, Task, create_task_pool, get_task_pool
 
 STATUSES = ["queued", "leased", "succeeded", "failed", "timed_out", "abandoned"]
 
@@ -183,6 +184,38 @@ def test_hung_worker_leases_expire_and_its_late_reports_are_stale(ray_cluster, p
     for rid in ray.get(hung.held_ids.remote()):
         assert results[rid].attempts == 2 and results[rid].history[0]["event"].startswith("lease expired")
     assert ray.get(pool.stats.remote())["workers_dead"] == 0  # slow is not dead
+
+
+def _ready(ref) -> bool:
+    return bool(ray.wait([ref], timeout=0)[0])
+
+
+def test_idle_leases_wait_for_work_and_a_group_reports_in_one_call(ray_cluster, pool_name, cleanup):
+    # A check interval longer than the test: every wake-up below comes from the pool's change event.
+    pool = create_task_pool(_tasks(2), name=pool_name, group_size=2, check_interval_s=60)
+    cleanup.append(pool)
+    waiting = pool.lease.remote("w", 4, wait_s=60)
+    time.sleep(0.5)
+    assert not _ready(waiting)  # nothing queued: it waits
+    batch = ray.get(pool.start_batch.remote(1))
+    leases = ray.get(waiting, timeout=10)
+    assert len(leases) == 2
+    idle = pool.lease.remote("w2", 4, wait_s=60, batch_id=batch)
+    time.sleep(0.5)
+    assert not _ready(idle)
+
+    tables = {"transitions": pa.table({"x": [1, 2]}), "rollouts": pa.table({"y": [3]})}
+    reports = [RolloutReport(x.rollout_id, x.attempt, "succeeded", reward=1.0) for x in leases]
+    assert ray.get(pool.report_group.remote(tables, reports)) == ["accepted", "accepted"]
+    assert ray.get(idle, timeout=10) == []  # the batch is done: the idle worker is told at once
+    assert ray.get(pool.batch_done.remote(batch))
+    assert ray.get(pool.report_group.remote(tables, reports)) == ["duplicate", "duplicate"]
+    assert ray.get(pool.lease.remote("w", 1, wait_s=0.2)) == []  # nothing came in time
+
+    first, second = ray.get(pool.batch_results.remote(batch))
+    assert first.result == second.result  # the same refs, owned by the pool
+    assert ray.get(first.result["transitions"]).equals(tables["transitions"])
+    assert ray.get(first.result["rollouts"]).equals(tables["rollouts"])
 
 
 def test_attempts_exhausted_are_abandoned_and_the_batch_still_completes(ray_cluster, pool_name, cleanup):

@@ -10,7 +10,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lightning_ray.tasks import FINAL_STATUSES, DatasetError, Task, TaskPool, WorkerDeadError, load_tasks
+from lightning_ray.tasks import (
+    FINAL_STATUSES,
+    DatasetError,
+    RolloutReport,
+    Task,
+    TaskPool,
+    WorkerDeadError,
+    load_tasks,
+)
 
 STATUSES = ["queued", "leased", "succeeded", "failed", "timed_out", "abandoned"]
 
@@ -145,6 +153,30 @@ def test_complete_is_idempotent_and_ignores_stale_attempts():
         pool.complete(second.rollout_id, 2, "failed")
     with pytest.raises(ValueError):
         pool.complete(second.rollout_id, 2, "abandoned")
+
+
+def test_a_group_report_completes_each_rollout_like_complete():
+    pool = TaskPool(tasks(1), group_size=3, max_attempts=2, lease_timeout_s=10)
+    batch = pool.start_batch(1)
+    a, b, c = pool.lease("w1", 3, now=0.0)
+    pool.renew("w1", [(a.rollout_id, 1), (b.rollout_id, 1)], now=5.0)
+    assert pool.expire_leases(now=11.0) == [c.rollout_id]
+    (c2,) = pool.lease("w2", 3, now=11.0)
+    failure = {"kind": "tool_error", "message": "no calculator"}
+    reports = [
+        RolloutReport(a.rollout_id, 1, "succeeded", reward=1.0),
+        RolloutReport(b.rollout_id, 1, "failed", kind="tool_error", failure=failure),
+        RolloutReport(c.rollout_id, 1, "succeeded", reward=1.0),  # superseded by attempt 2
+    ]
+    tables = {"transitions": "ref-t", "rollouts": "ref-r"}
+    assert pool.complete_all(reports, result=tables) == ["accepted", "accepted", "stale"]
+    assert pool.complete_all(reports[:2], result={"other": 1}) == ["duplicate", "duplicate"]
+    assert pool.complete_all([RolloutReport(c2.rollout_id, 2, "timed_out")]) == ["accepted"]
+    records = {r.rollout_id: r for r in pool.batch_results(batch)}
+    assert records[a.rollout_id].result is records[b.rollout_id].result is tables
+    assert (records[b.rollout_id].kind, records[b.rollout_id].failure) == ("tool_error", failure)
+    assert (records[c.rollout_id].status, records[c.rollout_id].result) == ("timed_out", None)
+    assert pool.batch_done(batch)
 
 
 def test_expired_leases_requeue_first_then_abandon():

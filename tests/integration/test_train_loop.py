@@ -9,9 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoModelForCausalLM
 
+from lightning_ray.checkpoints import latest_checkpoint
 from lightning_ray.config import load_config
 from lightning_ray.data.merge import merge_prefix_turns
-from lightning_ray.loop import latest_checkpoint, train
+from lightning_ray.loop import train
 from lightning_ray.monitor.run_log import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]

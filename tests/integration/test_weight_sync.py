@@ -18,9 +18,9 @@ from test_learner_vllm import VLLM_TOL, max_abs_diff, sample_table
 
 from lightning_ray.algorithms.advantages import compute_advantages
 from lightning_ray.config import AlgorithmConfig, Config, LearnerConfig
-from lightning_ray.inference.server import deploy_inference
+from lightning_ray.inference.server import InferenceServer, deploy_inference
 from lightning_ray.learner.group import LearnerGroup
-from lightning_ray.weight_sync import close_weight_sync, object_store_sync, sync_weights
+from lightning_ray.weights import close_weight_sync, object_store, sync_context, sync_weights
 
 APP = "lightning-ray-weight-sync-test"
 REPLICAS = 2
@@ -45,7 +45,7 @@ def replicas(ray_cluster, collective_config, tiny_model_dir):
 
 
 def checksums(handle) -> set[str]:
-    return set(handle.broadcast("weights_checksum").results())
+    return set(handle.broadcast(InferenceServer.weights_checksum.__name__).results())
 
 
 def train_one_step(group: LearnerGroup, handle, prompts: list[list[int]], seed: int) -> None:
@@ -74,14 +74,19 @@ def prompts_and_learner(tiny_model_dir, seed: int) -> tuple[list[list[int]], Lea
     return prompts, LearnerGroup(learner_cfg, tiny_model_dir)
 
 
-def assert_same_as_object_store(group: LearnerGroup, handle, version: int) -> set[str]:
+def assert_same_as_object_store(group: LearnerGroup, handle, version: int, cfg: Config) -> set[str]:
     """Both replicas hold bit-identical weights, the same as an object-store sync of the same learner state
     (synced as `version`); returns their checksums."""
     synced = checksums(handle)
     assert len(synced) == 1
-    object_store_sync(group, handle, version)
+    object_store.sync(sync_context(group, handle, cfg), version)
     assert checksums(handle) == synced
     return synced
+
+
+def learner_group(group: LearnerGroup, replicas, cfg: Config) -> dict:
+    """The weight group learner rank 0 is in (empty when none)."""
+    return sync_context(group, replicas, cfg).learner_status("collective")
 
 
 def test_collective_sync_over_gloo(replicas, collective_config, tiny_model_dir):
@@ -93,26 +98,26 @@ def test_collective_sync_over_gloo(replicas, collective_config, tiny_model_dir):
         first = sync_weights(group, replicas, version + 1, cfg)
         assert [r["path"] for r in first] == ["collective"] * REPLICAS
         assert {r["policy_version"] for r in first} == {version + 1}
-        group_id = group.weight_group_spec()["group_id"]
-        assert group.weight_group_spec()["world_size"] == 1 + REPLICAS
+        group_id = learner_group(group, replicas, cfg)["group_id"]
+        assert learner_group(group, replicas, cfg)["world_size"] == 1 + REPLICAS
         assert_serves_learner_weights(group, replicas, prompts, version + 1)
-        assert_same_as_object_store(group, replicas, version + 2)
+        assert_same_as_object_store(group, replicas, version + 2, cfg)
 
         train_one_step(group, replicas, prompts, seed=10)
         second = sync_weights(group, replicas, version + 3, cfg)
         assert [r["path"] for r in second] == ["collective"] * REPLICAS
-        assert group.weight_group_spec()["group_id"] == group_id  # reused, not rebuilt
+        assert learner_group(group, replicas, cfg)["group_id"] == group_id  # reused, not rebuilt
         assert_serves_learner_weights(group, replicas, prompts, version + 3)
 
         # A replica outside the group (a restarted one has none): the next sync rebuilds it first.
-        replicas.broadcast("close_weight_group").results()
+        replicas.broadcast(InferenceServer.close_weights.__name__).results()
         train_one_step(group, replicas, prompts, seed=20)
         third = sync_weights(group, replicas, version + 4, cfg)
         assert [r["path"] for r in third] == ["collective"] * REPLICAS
-        assert group.weight_group_spec()["group_id"] != group_id
+        assert learner_group(group, replicas, cfg)["group_id"] != group_id
         assert_serves_learner_weights(group, replicas, prompts, version + 4)
     finally:
-        close_weight_sync(group, replicas)
+        close_weight_sync(group, replicas, cfg)
         group.shutdown()
 
 
@@ -134,7 +139,7 @@ def test_ipc_sync_on_cpu(replicas, collective_config, tiny_model_dir):
         assert {r["policy_version"] for r in first} == {version + 1}
         assert first[0]["buffers"] >= 1 and first[0]["bytes"] > 0
         assert_serves_learner_weights(group, replicas, prompts, version + 1)
-        by_handle = assert_same_as_object_store(group, replicas, version + 2)
+        by_handle = assert_same_as_object_store(group, replicas, version + 2, cfg)
 
         train_one_step(group, replicas, prompts, seed=40)
         second = sync_weights(group, replicas, version + 3, cfg)

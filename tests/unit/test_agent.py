@@ -23,6 +23,8 @@ from lightning_ray.agent import (
     open_reward_sink,
     rollout_reward,
 )
+from lightning_ray.agent.urls import ROUTE_PREFIXES, check_role, parse_rollout_url, rollout_url
+from lightning_ray.config import SamplingConfig
 
 BASE = "http://127.0.0.1:8123/rollout/AbC-123_xyz/v1"
 
@@ -64,6 +66,44 @@ def test_llm_for_rollout_and_sampling_kwargs():
     assert lr.LLM(base_url=BASE, top_k=5).sampling_kwargs()["extra_body"] == {"top_k": 5}
     with pytest.raises(ValueError):
         lr.LLM.for_rollout("http://h", "a/b")
+
+
+def test_llm_sampling_is_the_configs():
+    """Every `SamplingConfig` setting reaches the LLM by name: as a keyword, an attribute and a request kwarg."""
+    cfg = SamplingConfig(temperature=0.3, top_k=7)
+    llm = lr.LLM.for_rollout("http://h:1", "rid", sampling=cfg, max_tokens=9)
+    assert llm.sampling == SamplingConfig(temperature=0.3, top_k=7, max_tokens=9) and cfg.max_tokens == 256
+    assert {name: getattr(llm, name) for name in SamplingConfig.model_fields} == llm.sampling.model_dump()
+    assert llm.sampling_kwargs() == {
+        "temperature": 0.3,
+        "top_p": 1.0,
+        "max_tokens": 9,
+        "extra_body": {"top_k": 7},
+    }
+    copy = pickle.loads(pickle.dumps(llm))
+    assert copy == llm and hash(copy) == hash(llm) and copy.top_k == 7
+    for bad in ({"temprature": 0.5}, {"temperature": 5.0}):
+        with pytest.raises(ValueError):
+            lr.LLM(base_url=BASE, **bad)
+    with pytest.raises(AttributeError):
+        _ = llm.no_such_setting
+
+
+def test_rollout_urls_are_built_parsed_and_served_alike():
+    url = rollout_url("http://127.0.0.1:9/", "r-1_x", "checker")
+    assert url == "http://127.0.0.1:9/rollout/r-1_x/agent/checker/v1"
+    assert parse_rollout_url(url + "/") == ("http://127.0.0.1:9", "r-1_x", "checker")
+    assert parse_rollout_url(rollout_url("http://h/base", "r")) == ("http://h/base", "r", None)
+    assert parse_rollout_url("https://api.example.com/v1") is None
+    # The gateway serves exactly these paths.
+    served = [p.format(rollout_id="r-1_x", role="checker") + "/v1" for p in ROUTE_PREFIXES]
+    assert [f"http://127.0.0.1:9{p}" for p in served] == [rollout_url("http://127.0.0.1:9", "r-1_x"), url]
+    for bad in ["", "a/b", "a.b", "x" * 129]:
+        with pytest.raises(ValueError, match="invalid rollout id"):
+            rollout_url("http://h", bad)
+    assert check_role("a.b-c_1") == "a.b-c_1"
+    with pytest.raises(ValueError, match="invalid agent role"):
+        check_role(".hidden")
 
 
 # ---- @rollout, LitAgent, load_agent, call_agent ----------------------------------------------------------

@@ -17,6 +17,7 @@ from lightning_ray.algorithms.advantages import compute_advantages, group_statis
 from lightning_ray.algorithms.losses import (
     kl_penalty,
     loss_denominator,
+    masked_max,
     masked_mean,
     policy_loss,
     token_entropy,
@@ -221,7 +222,9 @@ def test_ppo_clip_token_mean_asymmetric():
     # seq 0, A = +1: max(-r, -clip(r)) = max([-.5, -1, -1.5], [-.8, -1, -1.28]) = [-0.5, -1.0, -1.28]
     # seq 1, A = -1: max(r, clip(r))   = max([.5, 1], [.8, 1])                = [0.8, 1.0]
     # token mean over 5 tokens: (-0.5 - 1 - 1.28 + 0.8 + 1) / 5 = -0.98 / 5 = -0.196
-    loss, m = policy_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.28, length_norm="token")
+    loss, m = policy_loss(
+        AlgorithmConfig(clip_low=0.2, clip_high=0.28, length_norm="token"), logp, old, adv, mask
+    )
     assert loss.item() == pytest.approx(-0.196, abs=1e-6)
     # clipped tokens: (0, 2) ratio 1.5 > 1.28 with A > 0 (high side), (1, 0) ratio 0.5 < 0.8 with A < 0 (low)
     assert m["clip_frac_high"].item() == pytest.approx(0.2)
@@ -239,17 +242,18 @@ def test_ppo_clip_length_norms():
     logp, old, adv, mask = _ppo_inputs()
     # per-token losses as above: seq 0 [-0.5, -1, -1.28] sums to -2.78, seq 1 [0.8, 1.0] sums to 1.8
     # sequence: mean(-2.78 / 3, 1.8 / 2) = (-0.926667 + 0.9) / 2 = -0.013333
-    loss, _ = policy_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.28, length_norm="sequence")
+    loss, _ = policy_loss(AlgorithmConfig(clip_high=0.28, length_norm="sequence"), logp, old, adv, mask)
     assert loss.item() == pytest.approx(-0.0133333, abs=1e-6)
     # constant (Dr. GRPO) with a budget of 4 tokens: (-2.78 + 1.8) / (2 sequences * 4) = -0.1225
-    loss, _ = policy_loss(
-        logp, old, adv, mask, clip_low=0.2, clip_high=0.28, length_norm="constant", constant=4
-    )
+    constant = AlgorithmConfig(clip_high=0.28, length_norm="constant")
+    loss, _ = policy_loss(constant, logp, old, adv, mask, constant=4)
     assert loss.item() == pytest.approx(-0.1225, abs=1e-6)
     with pytest.raises(ValueError, match="constant"):
-        policy_loss(logp, old, adv, mask, length_norm="constant")
+        policy_loss(constant, logp, old, adv, mask)
     with pytest.raises(ValueError, match="length_norm"):
-        policy_loss(logp, old, adv, mask, length_norm="nope")
+        AlgorithmConfig(length_norm="nope")
+    with pytest.raises(ValueError, match="length_norm"):
+        loss_denominator(mask, "nope")
 
 
 def test_micro_batches_with_global_denominator_sum_to_batch_loss():
@@ -260,10 +264,11 @@ def test_micro_batches_with_global_denominator_sum_to_batch_loss():
         [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float32
     )
     for norm in ("token", "sequence", "constant"):
-        full, _ = policy_loss(logp, old, adv, mask, length_norm=norm, constant=5)
+        algo = AlgorithmConfig(length_norm=norm)
+        full, _ = policy_loss(algo, logp, old, adv, mask, constant=5)
         denom = loss_denominator(mask, norm, 5)
         parts = [
-            policy_loss(logp[s], old[s], adv[s], mask[s], length_norm=norm, constant=5, denominator=denom)[0]
+            policy_loss(algo, logp[s], old[s], adv[s], mask[s], constant=5, denominator=denom)[0]
             for s in (slice(0, 1), slice(1, 3), slice(3, 4))
         ]
         assert sum(p.item() for p in parts) == pytest.approx(full.item(), abs=1e-6), norm
@@ -272,7 +277,7 @@ def test_micro_batches_with_global_denominator_sum_to_batch_loss():
 def test_ratio_one_gives_policy_gradient():
     # on-policy (old == new): loss = -mean(A) over tokens = -(2 * 1 + 2 * -0.5) / 4 = -0.25, nothing clipped
     logp = torch.full((2, 2), -1.0, requires_grad=True)
-    loss, m = policy_loss(logp, logp.detach(), torch.tensor([1.0, -0.5]), torch.ones(2, 2))
+    loss, m = policy_loss(AlgorithmConfig(), logp, logp.detach(), torch.tensor([1.0, -0.5]), torch.ones(2, 2))
     assert loss.item() == pytest.approx(-0.25)
     assert m["clip_frac"].item() == 0.0
     loss.backward()
@@ -297,21 +302,13 @@ def test_kl_term_in_loss():
     logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
     ref = torch.tensor([[-1.1, -1.8]])
     # A = 0: only the KL term. token mean of 0.5 * k3 = 0.5 * (0.0048374 + 0.0214028) / 2 = 0.00656005
-    loss, m = policy_loss(
-        logp, logp.detach(), torch.zeros(1), torch.ones(1, 2), ref_logprobs=ref, kl_coef=0.5
-    )
+    algo = AlgorithmConfig(kl_coef=0.5)
+    loss, m = policy_loss(algo, logp, logp.detach(), torch.zeros(1), torch.ones(1, 2), ref_logprobs=ref)
     assert loss.item() == pytest.approx(0.00656005, abs=1e-7)
     assert m["kl"].item() == pytest.approx(0.0131201, abs=1e-6)
     # k1 with coefficient 1: (0.1 - 0.2) / 2 = -0.05
-    loss, _ = policy_loss(
-        logp,
-        logp.detach(),
-        torch.zeros(1),
-        torch.ones(1, 2),
-        ref_logprobs=ref,
-        kl_coef=1.0,
-        kl_estimator="k1",
-    )
+    algo = AlgorithmConfig(kl_coef=1.0, kl_estimator="k1")
+    loss, _ = policy_loss(algo, logp, logp.detach(), torch.zeros(1), torch.ones(1, 2), ref_logprobs=ref)
     assert loss.item() == pytest.approx(-0.05, abs=1e-6)
 
 
@@ -320,18 +317,81 @@ def test_truncated_importance_sampling():
     logp = torch.tensor([[math.log(3.0)]], requires_grad=True)
     old, adv, mask = torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1)
     # untruncated: max(3 * 1, clip(3) = 1.2) = 3, gradient d(r)/d logp = r = 3
-    loss, _ = policy_loss(logp, old, adv, mask)
+    loss, _ = policy_loss(AlgorithmConfig(), logp, old, adv, mask)  # recomputed old log-probs: no cap
     loss.backward()
     assert loss.item() == pytest.approx(3.0) and logp.grad.item() == pytest.approx(3.0)
     # truncated: value min(3, 2) = 2, gradient cap * grad log pi = 2 (still pushed down, with a bounded weight)
     logp.grad = None
-    loss, m = policy_loss(logp, old, adv, mask, tis_cap=2.0)
+    loss, m = policy_loss(AlgorithmConfig(old_logprobs="rollout", tis_cap=2.0), logp, old, adv, mask)
     loss.backward()
     assert loss.item() == pytest.approx(2.0) and logp.grad.item() == pytest.approx(2.0)
     assert m["tis_frac"].item() == 1.0
+    assert m["is_weight_mean"].item() == m["is_weight_max"].item() == m["is_weight_min"].item() == 2.0
     # below the cap nothing changes
     r = torch.tensor([0.5, 1.5], requires_grad=True)
     torch.testing.assert_close(truncate_ratio(r, 2.0), r)
+
+
+DECOUPLED = AlgorithmConfig(old_logprobs="decoupled", clip_low=0.2, clip_high=0.28, tis_cap=2.0)
+
+
+def test_decoupled_with_behaviour_equal_to_proximal_is_ppo_clip():
+    # w = pi_prox / pi_behav = 1 everywhere: the loss, gradients and clip metrics of the PPO-clip test above
+    logp, prox, adv, mask = _ppo_inputs()
+    loss, m = policy_loss(DECOUPLED, logp, prox, adv, mask, behaviour_logprobs=prox.clone())
+    assert loss.item() == pytest.approx(-0.196, abs=1e-6)
+    assert m["clip_frac"].item() == pytest.approx(0.4)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.1, -0.2, 0.0], [0.0, 0.2, 0.0]]))
+    assert m["is_weight_mean"].item() == m["is_weight_max"].item() == m["is_weight_min"].item() == 1.0
+    assert m["tis_frac"].item() == 0.0
+    with pytest.raises(ValueError, match="behaviour"):
+        policy_loss(DECOUPLED, logp, prox, adv, mask)
+
+
+def test_decoupled_weight_is_truncated_and_the_clip_is_around_the_proximal_policy():
+    # A = +1 on three tokens, proximal log-probs 0. Behaviour log-probs -log 4, log 2, -log 4 give
+    # w = pi_prox / pi_behav = [4 -> cap 2, 0.5, 4 -> cap 2]. New log-probs [0, 0, log 1.5]: r = [1, 1, 1.5],
+    # and the third token is clipped at 1 + 0.28 = 1.28 (its behaviour policy is 6x further away; the clip
+    # only sees the proximal one).
+    # per token w * max(-A r, -A clip(r)) = [2 * -1, 0.5 * -1, 2 * -1.28] = [-2, -0.5, -2.56]; mean -5.06 / 3
+    logp = torch.tensor([[0.0, 0.0, math.log(1.5)]], requires_grad=True)
+    prox, adv, mask = torch.zeros(1, 3), torch.tensor([1.0]), torch.ones(1, 3)
+    behaviour = torch.tensor([[-math.log(4.0), math.log(2.0), -math.log(4.0)]])
+    loss, m = policy_loss(DECOUPLED, logp, prox, adv, mask, behaviour_logprobs=behaviour)
+    assert loss.item() == pytest.approx(-5.06 / 3, abs=1e-6)
+    loss.backward()
+    # d/d logp = -w * A * r / 3 where unclipped: [-2 / 3, -0.5 / 3, 0]; w itself carries no gradient
+    torch.testing.assert_close(logp.grad, torch.tensor([[-2 / 3, -0.5 / 3, 0.0]]))
+    # weights [2, 0.5, 2]: mean 1.5, max 2, min 0.5; two of three truncated
+    assert m["is_weight_mean"].item() == pytest.approx(1.5)
+    assert (m["is_weight_max"].item(), m["is_weight_min"].item()) == pytest.approx((2.0, 0.5))
+    assert m["tis_frac"].item() == pytest.approx(2 / 3) and m["clip_frac"].item() == pytest.approx(1 / 3)
+
+
+def test_huge_log_prob_gaps_cannot_blow_up():
+    # behaviour -50 (or -inf) against proximal -0.1: w = exp(49.9) ~ 5e21 is truncated to 2 in log space.
+    # A = [+1, -1], r = 1: per token [-2, 2], mean 0; gradients -w A r / 2 = [-1, 1]
+    logp = torch.full((2, 1), -0.1, requires_grad=True)
+    adv, mask = torch.tensor([1.0, -1.0]), torch.ones(2, 1)
+    for behaviour in (-50.0, -math.inf):
+        logp.grad = None
+        beh = torch.full((2, 1), behaviour)
+        loss, m = policy_loss(DECOUPLED, logp, logp.detach(), adv, mask, behaviour_logprobs=beh)
+        loss.backward()
+        assert loss.item() == pytest.approx(0.0)
+        torch.testing.assert_close(logp.grad, torch.tensor([[-1.0], [1.0]]))
+        assert m["is_weight_max"].item() == 2.0 and m["tis_frac"].item() == 1.0
+    # the same gap as a ratio (old_logprobs: rollout, log r = 199.9, past exp's float32 range): the log-ratio
+    # is clamped at 20, so value and gradient stay finite (A = -1: the truncated branch, value 2)
+    logp.grad = None
+    loss, m = policy_loss(
+        AlgorithmConfig(old_logprobs="rollout"), logp, torch.full((2, 1), -200.0), adv, mask
+    )
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert all(torch.isfinite(v) for v in m.values())
+    assert masked_max(torch.ones(2), torch.zeros(2)).item() == -math.inf  # the identity of max
 
 
 def test_logprob_and_entropy_helpers():

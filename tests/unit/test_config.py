@@ -64,6 +64,16 @@ def test_overrides_are_validated_like_the_file(tmp_path):
         load_config(path, ["trainer.steps"], check_files=False)
 
 
+def test_checkpoint_defaults_keep_a_run_resumable(tmp_path):
+    path = write(tmp_path, "trainer: {steps: 3}\n")
+    trainer = load_config(path, check_files=False).trainer
+    assert trainer.checkpoint_every == 5 and trainer.keep_checkpoints == 1
+    every = load_config(path, ["trainer.keep_checkpoints=null"], check_files=False)
+    assert every.trainer.keep_checkpoints is None
+    with pytest.raises(ConfigError, match="trainer.keep_checkpoints"):
+        load_config(path, ["trainer.keep_checkpoints=0"], check_files=False)
+
+
 def test_non_loopback_gateway_needs_a_token(tmp_path):
     with pytest.raises(ConfigError, match="gateway.auth_token"):
         load_config(write(tmp_path, "gateway: {host: 0.0.0.0}\n"), check_files=False)
@@ -134,3 +144,36 @@ def test_cli_check_exit_codes(tmp_path):
     )
     assert bad.returncode == 2
     assert "learner.lr" in bad.stderr
+
+
+def test_staleness_needs_the_behaviour_policy_in_the_loss():
+    assert load_config(None, check_files=False).trainer.max_staleness == 0  # synchronous by default
+    with pytest.raises(
+        ConfigError,
+        match=r"trainer.max_staleness=1 with algorithm.old_logprobs=recompute: the recomputed log-probs hide "
+        r"the behaviour policy",
+    ):
+        load_config(None, ["trainer.max_staleness=1"], check_files=False)
+    with pytest.raises(ConfigError, match="trainer.max_staleness"):
+        load_config(None, ["trainer.max_staleness=-1"], check_files=False)
+    for old in ("rollout", "decoupled"):
+        cfg = load_config(
+            None, ["trainer.max_staleness=2", f"algorithm.old_logprobs={old}"], check_files=False
+        )
+        assert (cfg.trainer.max_staleness, cfg.algorithm.old_logprobs) == (2, old)
+
+
+def test_staleness_with_several_optimizer_steps_needs_decoupled_ppo():
+    stale = ["trainer.max_staleness=1", "learner.gradient_accumulation_steps=1"]
+    with pytest.raises(
+        ConfigError,
+        match=r"trainer.max_staleness=1 with learner.gradient_accumulation_steps=1 \(several optimizer steps "
+        r"per batch\) and algorithm.old_logprobs=rollout: .*set algorithm.old_logprobs to decoupled",
+    ):
+        load_config(None, [*stale, "algorithm.old_logprobs=rollout"], check_files=False)
+    cfg = load_config(None, [*stale, "algorithm.old_logprobs=decoupled"], check_files=False)
+    assert cfg.learner.gradient_accumulation_steps == 1
+    # synchronous: mini-batches with any old log-probs, as before
+    for old in ("recompute", "rollout", "decoupled"):
+        sync = ["learner.gradient_accumulation_steps=2", f"algorithm.old_logprobs={old}"]
+        assert load_config(None, sync, check_files=False).algorithm.old_logprobs == old

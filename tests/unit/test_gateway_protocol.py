@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from pydantic import ValidationError
 
+from lightning_ray.config import SamplingConfig
 from lightning_ray.data.schema import Transition
-from lightning_ray.gateway.calls import DEFAULT_ROLE, resolve_role
+from lightning_ray.gateway import calls
+from lightning_ray.gateway.calls import DEFAULT_ROLE, resolve_role, sampling_for
 from lightning_ray.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -14,6 +18,7 @@ from lightning_ray.gateway.protocol import (
     validation_error,
 )
 from lightning_ray.gateway.recorder import Recorder, UnknownRollout
+from lightning_ray.inference.server import SAMPLING_KEYS
 
 USER = [{"role": "user", "content": "hi"}]
 NAMED = {"type": "function", "function": {"name": "calculator"}}
@@ -105,6 +110,18 @@ def test_sampling_helpers():
     assert not req.include_usage()
     req = ChatCompletionRequest.model_validate({"messages": USER, "stream_options": {"include_usage": True}})
     assert req.include_usage() and req.stop_list() is None
+
+
+def test_sampling_keys_come_from_the_config(monkeypatch):
+    """The request's settings go over the configured ones, key by key of `SamplingConfig`, and the engine
+    takes every one of them; a setting that `SamplingRequest` does not declare arrives as an extra."""
+    state = SimpleNamespace(max_model_len=64, sampling_defaults=SamplingConfig().model_dump())
+    body = {"messages": USER, "temperature": 0.5, "top_k": 3, "seed": 1, "max_tokens": 500, "min_p": 0.2}
+    got = sampling_for(state, ChatCompletionRequest.model_validate(body), prompt_len=14)
+    assert got == {"temperature": 0.5, "top_p": 1.0, "top_k": 3, "seed": 1, "stop": None, "max_tokens": 50}
+    assert set(SamplingConfig.model_fields) | {"seed", "stop"} <= set(SAMPLING_KEYS)
+    monkeypatch.setattr(calls, "REQUEST_SAMPLING_KEYS", (*calls.REQUEST_SAMPLING_KEYS, "min_p"))
+    assert sampling_for(state, ChatCompletionRequest.model_validate(body), prompt_len=14)["min_p"] == 0.2
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from lightning_ray.algorithms.losses import loss_denominator, policy_loss
+from lightning_ray.config import AlgorithmConfig
 from lightning_ray.data.merge import MERGED_SCHEMA, merge_prefix_turns, select_trained_calls
 from lightning_ray.data.schema import TRANSITION_SCHEMA
 from lightning_ray.learner.batch import table_to_batch
-from lightning_ray.learner.worker import forward_logprobs
+from lightning_ray.learner.forward import forward_logprobs
 
 
 def row(
@@ -151,7 +152,12 @@ def token_loss_and_grads(model: torch.nn.Module, rows: pa.Table) -> tuple[float,
     logp, _ = forward_logprobs(model, batch)
     mask = batch["response_mask"]
     loss, _ = policy_loss(
-        logp, logp.detach(), batch["advantages"], mask, denominator=float(loss_denominator(mask, "token"))
+        AlgorithmConfig(),
+        logp,
+        logp.detach(),
+        batch["advantages"],
+        mask,
+        denominator=float(loss_denominator(mask, "token")),
     )
     loss.backward()
     return float(loss.detach()), [p.grad.clone() for p in model.parameters()]

@@ -285,3 +285,14 @@ def test_summary_of_real_pool_results():
     s = summarize_batch(pool.batch_results(batch))
     assert s.by_status == {"succeeded": 2, "failed": 1, "abandoned": 1}
     assert s.failures_by_kind == {"agent_exception": 1, "abandoned": 1} and s.reward_mean == 0.5
+
+
+def test_step_line_reports_the_weight_sync():
+    from lightning_ray.monitor.run_log import step_line
+
+    metrics = {"rollout/reward_mean": 0.5, "time/broadcast_s": 0.612, "sync/version": 3}
+    line = step_line(3, 20, metrics)
+    assert line.startswith("step 3/20 | reward 0.500 |") and line.endswith("sync v3 0.61s")
+    del metrics["sync/version"]
+    assert step_line(3, 20, metrics).endswith("sync 0.61s")  # a loop that does not report the version
+    assert step_line(1, 2, {}).endswith("sync -s")

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 
-from lightning_ray.data.schema import TRANSITION_SCHEMA, Transition
-from lightning_ray.data.trajectories import (
+from lightning_ray.data.schema import (
+    GROUP_TABLES,
     ROLLOUT_SCHEMA,
-    RolloutResult,
+    TRANSITION_SCHEMA,
+    FinishedRollout,
+    Transition,
     concat_refs,
-    put_group,
+    group_tables,
+    list_column,
     rollouts_table,
     transitions_table,
     write_parquet,
@@ -32,11 +38,11 @@ def transition(i: int, n: int) -> Transition:
     )
 
 
-def results() -> list[RolloutResult]:
-    ok = RolloutResult(
+def results() -> list[FinishedRollout]:
+    ok = FinishedRollout(
         "r1", "t1", "g1", 1, "succeeded", [transition(1, 2), transition(0, 3)], 1.0, {"format": 1.0}
     )
-    failed = RolloutResult(
+    failed = FinishedRollout(
         "r2",
         "t1",
         "g1",
@@ -78,9 +84,23 @@ def test_rollouts_table_keeps_failures_without_calls():
     )
 
 
+def test_group_tables_follow_their_schemas():
+    tables = group_tables(results())
+    assert {name: t.schema for name, t in tables.items()} == GROUP_TABLES
+
+
+def test_list_column_reads_flat_values_and_lengths():
+    table = pa.concat_tables([transitions_table(results()), transitions_table(results()[:1])])
+    values, lengths = list_column(table, "response_ids")
+    assert lengths.tolist() == [3, 2, 3, 2]
+    assert values.tolist() == [100, 101, 102, 100, 101] * 2
+    empty_values, empty_lengths = list_column(TRANSITION_SCHEMA.empty_table(), "response_logprobs")
+    assert (len(empty_values), len(empty_lengths), empty_values.dtype) == (0, 0, np.float32)
+
+
 def test_object_store_and_parquet_round_trip(ray_cluster, tmp_path):
-    refs = [put_group(results()) for _ in range(3)]
-    table = concat_refs([t for t, _ in refs], TRANSITION_SCHEMA)
+    refs = [ray.put(transitions_table(results())) for _ in range(3)]
+    table = concat_refs(refs, TRANSITION_SCHEMA)
     assert table.num_rows == 6
     path = write_parquet(table, tmp_path, "step-000001")
     assert pq.read_table(path).equals(table)

@@ -9,17 +9,9 @@ import time
 import pytest
 import torch
 
-from lightning_ray.weight_group import (
-    ALIGN,
-    GroupSpec,
-    WeightGroup,
-    decode_header,
-    encode_header,
-    expect_exhausted,
-    host_store,
-    new_spec,
-    plan_buckets,
-)
+from lightning_ray.weights.base import expect_exhausted
+from lightning_ray.weights.collective import GroupSpec, WeightGroup, host_store, new_spec
+from lightning_ray.weights.packing import ALIGN, decode_header, encode_header, plan_buckets
 
 
 def sample_state() -> dict[str, torch.Tensor]:

@@ -10,11 +10,10 @@ from typing import Any
 
 import pytest
 import torch
-from test_weight_group import sample_state
+from test_weights_collective import sample_state
 
-from lightning_ray.weight_group import ALIGN
-from lightning_ray.weight_ipc import SharedWeights, pack, shared_tensors, unpack
-from lightning_ray.weight_sync import check_colocated
+from lightning_ray.weights.ipc import SharedWeights, check_colocated, pack, shared_tensors, unpack
+from lightning_ray.weights.packing import ALIGN
 
 
 def mixed_state() -> dict[str, torch.Tensor]:

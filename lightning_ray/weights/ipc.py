@@ -1,6 +1,6 @@
-"""Weights handed from learner rank 0 to the vLLM workers on its machine by handle (`inference.weight_sync: ipc`).
+"""`inference.weight_sync: ipc`: weights handed from learner rank 0 to the vLLM workers on its machine by handle.
 
-Rank 0 packs its HF-named tensors into a few flat uint8 buffers (the layout of `weight_group.plan_buckets`:
+Rank 0 packs its HF-named tensors into a few flat uint8 buffers (the layout of `packing.plan_buckets`:
 every tensor at an aligned byte offset, any dtype, bf16 included), then exports each buffer to every consumer
 (one vLLM worker) as a handle: a CUDA IPC handle for a GPU buffer, the name of a POSIX shared-memory file for a
 host buffer. The payload (slot metadata plus handles, a few KB) travels through Ray; each worker maps the
@@ -19,7 +19,8 @@ Lifetimes, from torch's own sharing code:
   the file alive until every replica confirmed, and the file goes when the last of them is dropped — also when
   a worker fails or never opens it.
 
-Rank 0 keeps its buffers until the driver says every replica loaded (`release`).
+Rank 0 keeps its buffers until the driver says every replica loaded (`release`). A replica on another node
+(or, on GPUs, another GPU) than rank 0 is an error naming `inference.weight_sync`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,20 @@ from typing import Any
 
 import torch
 
-from lightning_ray.weight_group import BUCKET_BYTES, Slot, bucket_views, fill_bucket, plan_buckets
+from lightning_ray.weights.base import (
+    Backend,
+    Receiver,
+    Sender,
+    SyncContext,
+    Tensors,
+    WeightPath,
+    transfer_device,
+    worker_index,
+    worker_slots,
+)
+from lightning_ray.weights.packing import BUCKET_BYTES, Slot, bucket_views, fill_bucket, plan_buckets
+
+NAME = "ipc"
 
 Handle = dict[str, Any] | bytes  # host: shm file name and size; GPU: pickled `reduce_tensor` arguments
 # The index of the device in `rebuild_cuda_tensor`'s arguments: the consumer's own device index goes there.
@@ -117,15 +131,79 @@ class SharedWeights:
             torch.cuda.ipc_collect()
 
 
-def shared_tensors(
-    payload: dict[str, Any], consumer: int, device: torch.device
-) -> Iterator[tuple[str, torch.Tensor]]:
+def shared_tensors(payload: dict[str, Any], consumer: int, device: torch.device) -> Tensors:
     """Consumer `consumer`'s view of a payload: each tensor, in order, as a view into the mapped buffers.
     A generator: the mappings close when it is exhausted (or dropped)."""
     if not 0 <= consumer < len(payload["handles"]):
         raise RuntimeError(
             f"weight hand-off for {len(payload['handles'])} vLLM workers has no handle for worker {consumer}"
         )
-    slots = [Slot(**{**s, "shape": tuple(s["shape"])}) for s in payload["slots"]]
+    slots = [Slot.from_dict(s) for s in payload["slots"]]
     buffers = [open_buffer(h, device) for h in payload["handles"][consumer]]
     yield from unpack(slots, buffers)
+
+
+class HandleSender(Sender):
+    """Rank 0 packs into shareable buffers (on its GPU under nccl, in host shared memory under gloo) and returns
+    the payload for `request["consumers"]` vLLM workers; the buffers live until `release`."""
+
+    copy = False  # packing copies the live parameters, and nothing steps before that is done
+
+    def __init__(self, backend: Backend) -> None:
+        super().__init__(backend)
+        self.shared: SharedWeights | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return transfer_device(self.backend)
+
+    def send(self, state: dict[str, torch.Tensor], request: dict[str, Any]) -> dict[str, Any]:
+        self.release()
+        self.shared = SharedWeights.pack(state, self.device)
+        return self.shared.payload(request["consumers"])
+
+    def release(self) -> None:
+        if self.shared is not None:
+            self.shared.release()
+        self.shared = None
+
+
+class HandleReceiver(Receiver):
+    def receive(self, payload: dict[str, Any], replica: str) -> Tensors:
+        consumer = worker_index(payload["worker_slots"], replica, self.worker.rank)
+        return shared_tensors(payload, consumer, self.worker.device)
+
+
+def sync(ctx: SyncContext, version: int) -> list[dict[str, Any]]:
+    """Check every replica is beside learner rank 0, let rank 0 pack and export its weights for every vLLM
+    worker, have every replica load them, then free rank 0's buffers (also on a failure)."""
+    replicas = ctx.status(NAME)
+    check_colocated(ctx.learner_status(NAME), replicas)
+    try:
+        payload = ctx.send(NAME, {"consumers": sum(r["workers"] for r in replicas)})
+        results = ctx.update(NAME, {**payload, "worker_slots": worker_slots(replicas)}, version)
+    finally:
+        ctx.release(NAME)
+    buffers = len(payload["handles"][0]) if payload["handles"] else 0
+    return [{**r, "bytes": payload["bytes"], "buffers": buffers} for r in results]
+
+
+def check_colocated(learner: dict[str, Any], replicas: list[dict[str, Any]]) -> None:
+    """The hand-off maps memory of learner rank 0's machine: every replica must run on its Ray node and, when
+    the buffers are on a GPU (`learner["device"]` is its UUID), every vLLM worker on that GPU."""
+    for r in replicas:
+        if r["node_id"] != learner["node_id"]:
+            raise ValueError(
+                f"inference.weight_sync=ipc needs every vLLM replica on the node of learner rank 0 "
+                f"({learner['node_id']}), but replica {r['replica']} runs on node {r['node_id']}: use "
+                "inference.weight_sync=collective or object_store across nodes"
+            )
+        if learner["device"] is not None and any(d != learner["device"] for d in r["devices"]):
+            raise ValueError(
+                f"inference.weight_sync=ipc on GPUs needs every vLLM worker on the GPU of learner rank 0 "
+                f"({learner['device']}), but replica {r['replica']} uses {r['devices']}: use "
+                "inference.weight_sync=collective when learner and vLLM have GPUs of their own"
+            )
+
+
+PATH = WeightPath(NAME, HandleSender, HandleReceiver, sync)

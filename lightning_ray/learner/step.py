@@ -1,0 +1,211 @@
+"""One GRPO/PPO train step on a rank's shard, read top to bottom like CleanRL's ppo.py update:
+
+    micro-batches -> old and reference log-probs -> for each optimizer step: forward -> policy_loss ->
+    backward, then step.
+
+Old log-probs are recomputed before any update (`old_logprobs: recompute`), taken from the rollout with
+truncated importance sampling (`rollout`), or both (`decoupled`: the recomputed ones are the proximal policy
+the ratio is clipped around, the rollout's the behaviour policy the importance weight corrects for). With
+`learner.gradient_accumulation_steps` unset the whole batch is one optimizer step; with k, every k
+micro-batches per rank are one (PPO mini-batches). The loss of each micro-batch is its share of the global
+batch (the denominator is summed over the ranks), so ranks and micro-batch sizes do not change the step.
+Everything here is collective: every rank runs it at once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from lightning_ray.algorithms.losses import loss_denominator, policy_loss
+from lightning_ray.config import AlgorithmConfig, LearnerConfig
+from lightning_ray.learner.forward import all_reduce, forward_logprobs, micro_batches, to_device
+
+Batch = dict[str, torch.Tensor]
+
+
+def train_step(
+    engine: Any,
+    shard: pa.Table,
+    cfg: LearnerConfig,
+    algo: AlgorithmConfig,
+    *,
+    pad_id: int,
+    reference: Callable[[], torch.nn.Module],
+    grad_norm: Callable[[], float],
+    max_response_tokens: int | None = None,
+) -> dict[str, float]:
+    """One step on `shard` (a table with an `advantage` column); global metrics, the same on every rank.
+
+    `reference` returns the frozen KL reference model (loaded on first use), `grad_norm` the norm of the last
+    optimizer step. `max_response_tokens` is the Dr. GRPO constant for `length_norm: constant` (default: the
+    longest response in the batch).
+    """
+    import torch.distributed as dist
+
+    t0 = time.perf_counter()
+    device = engine.device
+    engine.train()
+    micro = [to_device(b, device) for b in micro_batches(shard, pad_id, cfg.micro_batch_size, device)]
+    if not micro:  # no rows on any rank: nothing to learn from (the count is global, so all ranks agree)
+        return {"loss": 0.0, "tokens": 0.0, "sequences": 0.0, "micro_batches": 0, "optimizer_steps": 0}
+    t_batch = time.perf_counter() - t0
+
+    gas = cfg.gradient_accumulation_steps or len(micro)
+    recomputed = algo.old_logprobs != "rollout"  # recompute and decoupled: the learner's own old log-probs
+    decoupled = algo.old_logprobs == "decoupled"
+    _old_and_ref_logprobs(engine, micro, algo, reference, separate_pass=recomputed and gas < len(micro))
+    t_old = time.perf_counter() - t0 - t_batch
+
+    constant = _length_constant(micro, algo, max_response_tokens, device)
+    totals = _Totals()
+    for chunk in (micro[i : i + gas] for i in range(0, len(micro), gas)):  # one optimizer step each
+        denominator = _global_denominator(chunk, algo, constant, device)
+        for b in chunk:
+            logp, entropy = forward_logprobs(engine, b, with_entropy=True)
+            old = b["old_logprobs"] if "old_logprobs" in b else logp.detach()
+            loss, metrics = policy_loss(
+                algo,
+                logp,
+                old,
+                b["advantages"],
+                b["response_mask"],
+                behaviour_logprobs=b["rollout_logprobs"] if decoupled else None,
+                denominator=denominator,
+                constant=constant,
+                ref_logprobs=b.get("ref_logprobs"),
+            )
+            # DeepSpeed averages gradients over ranks; the loss is already a share of the global batch.
+            engine.backward(loss * dist.get_world_size(), scale_wrt_gas=False)
+            totals.add(b, loss, metrics, entropy, old if recomputed else None)
+        engine.step()
+        totals.grad_norms.append(grad_norm())
+
+    out = totals.reduce(device)
+    out.update(
+        lr=float(engine.get_lr()[0]),
+        micro_batches=len(micro),
+        optimizer_steps=len(totals.grad_norms),
+        time_batch_s=t_batch,
+        time_old_logprobs_s=t_old,
+        time_s=time.perf_counter() - t0,
+    )
+    return out
+
+
+def _old_and_ref_logprobs(
+    engine: Any,
+    micro: list[Batch],
+    algo: AlgorithmConfig,
+    reference: Callable[[], torch.nn.Module],
+    *,
+    separate_pass: bool,
+) -> None:
+    """Store each micro-batch's old log-probs and, with a KL term, its reference log-probs in the batch.
+
+    With one optimizer step per train step the weights do not change before the last backward, so the
+    training forward's own detached log-probs *are* the recomputed old (proximal) log-probs: no
+    `separate_pass`, and no `old_logprobs` entry (the step takes them from its forward).
+    """
+    with torch.no_grad():
+        for b in micro:
+            if separate_pass:
+                b["old_logprobs"], _ = forward_logprobs(engine, b)
+            elif algo.old_logprobs == "rollout":
+                b["old_logprobs"] = b["rollout_logprobs"]
+            if algo.kl_coef > 0:
+                b["ref_logprobs"], _ = forward_logprobs(reference(), b)
+
+
+def _length_constant(
+    micro: list[Batch], algo: AlgorithmConfig, max_response_tokens: int | None, device: torch.device
+) -> float | None:
+    """The Dr. GRPO token budget for `length_norm: constant` (None for the other norms)."""
+    if algo.length_norm != "constant":
+        return None
+    longest = max(int(b["response_lengths"].max()) for b in micro)
+    return max_response_tokens or all_reduce([longest], device, "max")[0]
+
+
+def _global_denominator(
+    chunk: list[Batch], algo: AlgorithmConfig, constant: float | None, device: torch.device
+) -> float:
+    """The loss divisor of one optimizer step's micro-batches over all ranks (at least 1)."""
+    local = sum(float(loss_denominator(b["response_mask"], algo.length_norm, constant)) for b in chunk)
+    (total,) = all_reduce([local], device)
+    return max(total, 1.0)
+
+
+@dataclass
+class _Totals:
+    """Token-weighted sums of the micro-batch metrics on this rank, reduced over the ranks at the end.
+
+    Metrics named `*_max` / `*_min` (see `policy_loss`) are extremes, not means: kept as a running max (of
+    the value, or of its negation for `*_min`) and reduced with a max over the ranks.
+    """
+
+    sums: dict[str, float] = field(default_factory=dict)
+    maxima: dict[str, float] = field(default_factory=dict)  # `*_min` metrics negated
+    tokens: float = 0.0
+    sequences: float = 0.0
+    loss: float = 0.0
+    mismatch: float = 0.0  # sum of |learner - inference engine| old log-probs over the response tokens
+    mismatch_tokens: float = 0.0
+    grad_norms: list[float] = field(default_factory=list)
+
+    def add(
+        self,
+        b: Batch,
+        loss: torch.Tensor,
+        metrics: dict[str, torch.Tensor],
+        entropy: torch.Tensor,
+        recomputed: torch.Tensor | None,
+    ) -> None:
+        mask = b["response_mask"]
+        n = float(mask.sum())
+        if recomputed is not None:  # learner (before this step's update) vs inference engine log-probs
+            self.mismatch += float(((recomputed - b["rollout_logprobs"]).abs() * mask).sum())
+            self.mismatch_tokens += n
+        metrics["entropy"] = entropy.sum() / max(n, 1.0)
+        for k, v in metrics.items():
+            if k.endswith(("_max", "_min")):
+                signed = -float(v) if k.endswith("_min") else float(v)
+                self.maxima[k] = max(self.maxima.get(k, -math.inf), signed)
+            else:
+                self.sums[k] = self.sums.get(k, 0.0) + float(v) * n
+        self.tokens += n
+        self.sequences += float((b["response_lengths"] > 0).sum())
+        self.loss += loss.item()
+
+    def reduce(self, device: torch.device) -> dict[str, float]:
+        """Global token-means of the loss metrics, the mean loss per optimizer step and the mean grad norm."""
+        keys = sorted(self.sums)
+        local = [self.sums[k] for k in keys]
+        reduced = all_reduce(
+            [*local, self.tokens, self.sequences, self.loss, self.mismatch, self.mismatch_tokens], device
+        )
+        tokens, sequences, loss, mismatch, mismatch_tokens = reduced[len(keys) :]
+        out = {k: v / max(tokens, 1.0) for k, v in zip(keys, reduced[: len(keys)], strict=True)}
+        extremes = sorted(self.maxima)  # the same keys on every rank: they depend on the config only
+        if extremes:
+            top = all_reduce([self.maxima[k] for k in extremes], device, "max")
+            if tokens > 0:  # else every extreme is the empty one, +-inf
+                out.update({k: -v if k.endswith("_min") else v for k, v in zip(extremes, top, strict=True)})
+        out.update(
+            loss=loss / len(self.grad_norms),
+            grad_norm=float(np.mean(self.grad_norms)),
+            tokens=tokens,
+            sequences=sequences,
+        )
+        if mismatch_tokens > 0:
+            out["logprob_diff_rollout"] = (
+                mismatch / mismatch_tokens
+            )  # learner vs inference engine, mean |delta|
+        return out

