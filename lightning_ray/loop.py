@@ -13,6 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from tqdm import tqdm
 
 from lightning_ray.algorithms.advantages import compute_advantages
 from lightning_ray.checkpoints import latest_checkpoint, prune_checkpoints
@@ -21,38 +22,51 @@ from lightning_ray.data.merge import merge_prefix_turns, select_trained_calls
 from lightning_ray.data.schema import write_parquet
 from lightning_ray.learner.group import LearnerGroup
 from lightning_ray.models import resolve_model
+from lightning_ray.monitor.busy import BusyClock
 from lightning_ray.monitor.metrics import record_batch_metrics
 from lightning_ray.monitor.run_log import RunLog, step_line
+from lightning_ray.monitor.staleness import staleness_metrics
 from lightning_ray.monitor.summary import check_failure_rate
 from lightning_ray.rollouts.collect import Batch, collect_batch
+from lightning_ray.rollouts.ledger import Ledger
 from lightning_ray.rollouts.stack import start_rollout_stack, stop_rollout_stack
+from lightning_ray.rollouts.stream import Group, RolloutStream, load_groups
 from lightning_ray.runtime import init_ray, new_run_dir
 from lightning_ray.tasks.actor import task_pool_from_config
 from lightning_ray.weights import sync_weights
 
+STREAM_DIR = "stream"  # a checkpoint's complete, untrained groups
+
 
 def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
-    """Train `cfg.trainer.steps` GRPO steps; with `resume`, continue a run directory from its last checkpoint."""
+    """Train `cfg.trainer.steps` GRPO steps; with `resume`, continue a run directory from its last checkpoint.
+
+    Step `s` trains policy version `s - 1` on groups streamed by `RolloutStream` (at most
+    `trainer.max_staleness` versions behind), then the replicas serve version `s`."""
     init_ray(cfg)
     run_dir = Path(resume) if resume else new_run_dir(cfg, "train")
     inference, pool, workers = start_rollout_stack(cfg, "train")
     val_pool = task_pool_from_config(cfg, "val") if cfg.data.val and cfg.trainer.val_every else None
     learners = LearnerGroup(cfg.learner, resolve_model(cfg.model.path), seed=cfg.trainer.seed)
     log = RunLog(cfg, run_dir, resume=resume is not None)
-    start = 0
-    if resume:
-        start = restore(cfg, run_dir, learners, pool, inference)
-    elif val_pool is not None:
+    start, (ready, in_flight) = restore(cfg, run_dir, learners, pool, inference) if resume else (0, ([], []))
+    if not resume and val_pool is not None:
         log.log(0, validate(cfg, val_pool, workers))
+    ledger = Ledger(run_dir / "ledger.jsonl", keep_before_version=start if resume else None)
+    stream = RolloutStream(cfg, pool, workers, ledger, version=start)
+    stream.resume(ready, in_flight)
+    clock = BusyClock(inference, workers)
     print(f"run directory: {run_dir}")
+    version = start
     try:
         for step in range(start + 1, cfg.trainer.steps + 1):
-            t0 = time.perf_counter()
-            batch = collect_batch(pool, workers, cfg.trainer.tasks_per_step, desc=f"step {step} rollouts")
+            version, t0 = step - 1, time.perf_counter()
+            batch = next_batch(stream, version, step)
             record_batch_metrics(batch.summary, run=cfg.trainer.name)
             check_failure_rate(batch.summary, cfg.rollout.max_failure_rate)
             write_parquet(batch.transitions, run_dir, f"step-{step:06d}")
-            metrics = rollout_metrics(batch)
+            trained_calls = select_trained_calls(batch.transitions, cfg.rollout.train_agents)
+            metrics = {**rollout_metrics(batch), **staleness_metrics(trained_calls, version)}
 
             table, adv = compute_advantages(training_rows(batch.transitions, cfg), cfg.algorithm)
             table = select_trained_calls(table, cfg.rollout.train_agents)
@@ -63,25 +77,58 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
                 metrics.update({f"learner/{k}": v for k, v in learned.items()})
             t2 = time.perf_counter()
             synced = sync_weights(learners, inference, step, cfg)
-            metrics.update({"time/rollout_s": t1 - t0, "time/learner_s": t2 - t1})
+            if step < cfg.trainer.steps:
+                stream.top_up(step)  # groups start on the new weights at once
+            ledger.trained(batch.records, version)
+            t3 = time.perf_counter()
+            metrics.update(
+                {"time/rollout_s": t1 - t0, "time/learner_s": t2 - t1, "time/broadcast_s": t3 - t2}
+            )
             metrics.update(sync_metrics(synced))
-            metrics["time/broadcast_s"] = time.perf_counter() - t2
+            metrics.update({f"ledger/{k}": n for k, n in ledger.take_counts().items()})
 
             if val_pool is not None and step % cfg.trainer.val_every == 0:
                 metrics.update(validate(cfg, val_pool, workers))
             if step == cfg.trainer.steps or (
                 cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0
             ):
-                save(run_dir, step, learners, pool)
+                save(run_dir, step, learners, pool, stream)
                 prune_checkpoints(run_dir, cfg.trainer.keep_checkpoints)
             metrics["time/step_s"] = time.perf_counter() - t0
+            metrics.update(busy_metrics(clock, metrics))
             log.log(step, metrics)
             print(step_line(step, cfg.trainer.steps, metrics), flush=True)
+        stream.close(version)
     finally:
         log.close()
         learners.shutdown()
         stop_rollout_stack(workers, [pool, val_pool])
     return log.rows
+
+
+def next_batch(stream: RolloutStream, version: int, step: int) -> Batch:
+    """The stream's next batch, with a progress bar of the groups chosen (and dropped) so far."""
+    dropped = 0
+    with tqdm(total=stream.batch_size, desc=f"step {step} groups", leave=False, dynamic_ncols=True) as bar:
+
+        def on_group(chosen: int, reason: str | None) -> None:
+            nonlocal dropped
+            dropped += reason is not None
+            bar.n = chosen
+            bar.set_postfix(dropped=dropped, refresh=False)
+            bar.refresh()
+
+        return stream.next_batch(version, on_group)
+
+
+def busy_metrics(clock: BusyClock, m: dict[str, Any]) -> dict[str, float]:
+    """Busy fractions of each part over the step; what is not busy waited on another part."""
+    wall = max(m["time/step_s"], 1e-9)
+    return {
+        **clock.fractions(),
+        "time/learner_busy_frac": m["time/learner_s"] / wall,
+        "time/sync_busy_frac": m["time/broadcast_s"] / wall,
+    }
 
 
 def rollout_metrics(batch: Batch) -> dict[str, Any]:
@@ -135,15 +182,20 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:06d}"
 
 
-def save(run_dir: Path, step: int, learners: LearnerGroup, pool: Any) -> Path:
-    """HF folder + optimizer state, with the step and the task pool's data position."""
-    return learners.save_checkpoint(
-        checkpoint_dir(run_dir, step), extra={"step": step, "pool": ray.get(pool.state.remote())}
-    )
+def save(run_dir: Path, step: int, learners: LearnerGroup, pool: Any, stream: RolloutStream) -> Path:
+    """HF folder + optimizer state, with the step, the task pool's data position and the stream's groups (the
+    stream's files first: the learners write the marker that makes the checkpoint complete last)."""
+    path = checkpoint_dir(run_dir, step)
+    in_flight = stream.save(path / STREAM_DIR)["in_flight"]
+    extra = {"step": step, "pool": ray.get(pool.state.remote()), "in_flight": in_flight}
+    return learners.save_checkpoint(path, extra=extra)
 
 
-def restore(cfg: Config, run_dir: Path, learners: LearnerGroup, pool: Any, inference: Any) -> int:
-    """Weights, optimizer, data position and policy version from the last checkpoint; returns its step."""
+def restore(
+    cfg: Config, run_dir: Path, learners: LearnerGroup, pool: Any, inference: Any
+) -> tuple[int, tuple[list[Group], list[str]]]:
+    """Weights, optimizer, data position and policy version from the last checkpoint; returns its step, the
+    stream's complete untrained groups and the task ids of the groups that were running."""
     path = latest_checkpoint(run_dir)
     if path is None:
         raise FileNotFoundError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
@@ -151,4 +203,4 @@ def restore(cfg: Config, run_dir: Path, learners: LearnerGroup, pool: Any, infer
     ray.get(pool.load_state.remote(extra["pool"]))
     sync_weights(learners, inference, extra["step"], cfg)
     print(f"resumed from {path} at step {extra['step']}")
-    return int(extra["step"])
+    return int(extra["step"]), (load_groups(path / STREAM_DIR), extra.get("in_flight", []))

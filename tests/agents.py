@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import sys
 import threading
 
@@ -85,3 +86,13 @@ async def chatty_agent(task: dict, llm: lr.LLM) -> float:
             {"role": "user", "content": f"Result {turn}: 42"},
         ]
     return float(len(text) % 3 == 0)
+
+
+@lr.rollout
+async def waiting_agent(task: dict, llm: lr.LLM) -> float:
+    """A call, a tool that waits a random 0-1.5 s on "I/O" (no CPU), another call: rollouts that finish out
+    of order and overlap a learner step, for the asynchronous pipeline."""
+    first = await _ask(llm, task["question"])
+    await asyncio.sleep(random.uniform(0.0, 1.5))
+    second = await _ask(llm, "and then?")
+    return float((len(first) + len(second)) % 3 == 0)

@@ -23,6 +23,8 @@ rewritten or summarised do not extend a prefix and stay their own (prompt, respo
 - `loss_mask` (list<int8>, same length as `response_ids`): 1 where the policy generated the token, 0 where it
   was inserted. Train only where it is 1;
 - `response_logprobs`: the sampling log-prob of each generated token, 0.0 at inserted tokens (mask them out);
+- `response_versions`: the policy version of each generated token; an inserted token takes the version the
+  call after it started on (the first call to read it), so the list stays aligned with `response_ids`;
 - `merged_calls` (int32): how many calls the row holds (1 for rows left alone);
 - `call_index`, identity columns, `reward`, `model`, `endpoint`, `started_at`: from the first call;
   `finish_reason`: the last call's; `latency_s`: the sum; `policy_version`: the oldest of the calls;
@@ -100,36 +102,49 @@ def merge_prefix_turns(table: pa.Table) -> pa.Table:
     """One row per run of prefix-extending calls (see the module doc); `MERGED_SCHEMA` columns."""
     table = table.sort_by([("rollout_id", "ascending"), ("call_index", "ascending")])
     chains = prefix_chains(table)
-    prompts = _Lists(table, "prompt_ids", np.int32)
-    responses = _Lists(table, "response_ids", np.int32)
-    logprobs = _Lists(table, "response_logprobs", np.float32)
-    sequences = [_merge_chain(chain, prompts, responses, logprobs) for chain in chains]
+    calls = _Calls(table)
+    sequences = [_merge_chain(chain, calls) for chain in chains]
     firsts = table.take(pa.array([c[0] for c in chains], pa.int64()))
     lasts = table.take(pa.array([c[-1] for c in chains], pa.int64()))
     columns = {name: firsts.column(name) for name in TRANSITION_SCHEMA.names}
     columns["response_ids"] = _list_array([s[0] for s in sequences], pa.int32())
     columns["response_logprobs"] = _list_array([s[1] for s in sequences], pa.float32())
+    columns["response_versions"] = _list_array([s[2] for s in sequences], pa.int64())
     columns["finish_reason"] = lasts.column("finish_reason")
     columns.update(_chain_scalars(table, chains))
-    columns["loss_mask"] = _list_array([s[2] for s in sequences], pa.int8())
+    columns["loss_mask"] = _list_array([s[3] for s in sequences], pa.int8())
     columns["merged_calls"] = pa.array([len(c) for c in chains], pa.int32())
     return pa.table(columns, schema=MERGED_SCHEMA)
 
 
-def _merge_chain(
-    chain: list[int], prompts: _Lists, responses: _Lists, logprobs: _Lists
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(response ids, log-probs, loss mask) of one run, relative to its first prompt."""
+class _Calls:
+    """What a merge reads of each call: its token lists and the version it started on."""
+
+    def __init__(self, table: pa.Table):
+        self.prompts = _Lists(table, "prompt_ids", np.int32)
+        self.responses = _Lists(table, "response_ids", np.int32)
+        self.logprobs = _Lists(table, "response_logprobs", np.float32)
+        self.versions = _Lists(table, "response_versions", np.int64)
+        self.started_on = table.column("policy_version").to_numpy()
+
+
+def _merge_chain(chain: list[int], calls: _Calls) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(response ids, log-probs, versions, loss mask) of one run, relative to its first prompt."""
+    prompts, responses = calls.prompts, calls.responses
     start, last = prompts.length(chain[0]), chain[-1]
     ids = np.concatenate([prompts.row(last)[start:], responses.row(last)])
     lps = np.zeros(len(ids), np.float32)
+    versions = np.zeros(len(ids), np.int64)
     mask = np.zeros(len(ids), np.int8)
+    end = 0  # where the previous call's response ended: inserted tokens lie between it and this call's
     for row in chain:
-        at = prompts.length(row) - start
-        n = responses.length(row)
-        lps[at : at + n] = logprobs.row(row)
+        at, n = prompts.length(row) - start, responses.length(row)
+        versions[end:at] = calls.started_on[row]
+        lps[at : at + n] = calls.logprobs.row(row)
+        versions[at : at + n] = calls.versions.row(row)
         mask[at : at + n] = 1
-    return ids, lps, mask
+        end = at + n
+    return ids, lps, versions, mask
 
 
 def _chain_scalars(table: pa.Table, chains: list[list[int]]) -> dict[str, pa.Array]:

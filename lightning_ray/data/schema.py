@@ -8,9 +8,11 @@ identity and rewards in a `FinishedRollout` and builds two tables per finished g
 - `rollouts`: one row per rollout, failed ones included, with the error, logs and final state (`ROLLOUT_SCHEMA`).
 
 Tables move as object refs; the driver concatenates them with `concat_refs`, never through Python rows, and
-`write_parquet` keeps a copy in the run directory. Token ids and log-probs are Arrow list columns, read as flat
-numpy values with `list_column`. `MERGED_SCHEMA` is the transitions layout after `merge_prefix_turns`
-(`lightning_ray.data.merge` says what its two extra columns mean).
+`write_parquet` keeps a copy in the run directory. Token ids, log-probs and policy versions are Arrow list
+columns, read as flat numpy values with `list_column`; `response_versions` holds the version of each response
+token (a call that spans a weight update under `inference.on_update: interrupt` has two). `MERGED_SCHEMA` is
+the transitions layout after `merge_prefix_turns` (`lightning_ray.data.merge` says what its two extra columns
+mean).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ class Transition:
     prompt_ids: list[int]
     response_ids: list[int]
     response_logprobs: list[float]
-    policy_version: int
+    response_versions: list[int]  # the policy version that generated each response token
+    policy_version: int  # the version the call started on (the oldest of `response_versions`)
     finish_reason: str
     latency_s: float
     response_text: str
@@ -86,6 +89,7 @@ TRANSITION_SCHEMA = pa.schema(
         pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),
         pa.field("response_ids", pa.list_(pa.int32()), nullable=False),
         pa.field("response_logprobs", pa.list_(pa.float32()), nullable=False),
+        pa.field("response_versions", pa.list_(pa.int64()), nullable=False),
         pa.field("policy_version", pa.int64(), nullable=False),
         pa.field("finish_reason", pa.string()),
         pa.field("latency_s", pa.float64()),
@@ -144,6 +148,7 @@ def transitions_table(rollouts: Iterable[FinishedRollout]) -> pa.Table:
                     "prompt_ids": t.prompt_ids,
                     "response_ids": t.response_ids,
                     "response_logprobs": t.response_logprobs,
+                    "response_versions": t.response_versions,
                     "policy_version": t.policy_version,
                     "finish_reason": t.finish_reason,
                     "latency_s": t.latency_s,

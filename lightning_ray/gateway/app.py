@@ -189,7 +189,7 @@ async def _events(
             if streamer is not None:
                 text = streamer.push(text)
             if text or (call.logprobs and ids):
-                yield fmt.chunk(text, ids, delta["response_logprobs"], gen.policy_version)
+                yield fmt.chunk(text, ids, delta["response_logprobs"], delta["policy_version"])
             if gen.finish_reason:
                 break
             try:

@@ -71,19 +71,25 @@ class Call:
 
 @dataclass
 class Generation:
-    """What the engine produced for one call, whole or as accumulated stream deltas."""
+    """What the engine produced for one call, whole or as accumulated stream deltas. `policy_version` is the
+    version the call started on; `response_versions` the version of each token (a call the engine interrupted
+    for a weight update goes on under the new one)."""
 
     response_ids: list[int] = field(default_factory=list)
     response_logprobs: list[float] = field(default_factory=list)
+    response_versions: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     policy_version: int = -1
     replica: str = ""
 
     def add(self, delta: dict[str, Any]) -> None:
+        """Append a stream delta; its `policy_version` is the version of its tokens."""
+        if self.policy_version < 0:
+            self.policy_version = delta["policy_version"]
         self.response_ids += delta["response_ids"]
         self.response_logprobs += delta["response_logprobs"]
+        self.response_versions += [delta["policy_version"]] * len(delta["response_ids"])
         self.finish_reason = delta.get("finish_reason") or self.finish_reason
-        self.policy_version = delta["policy_version"]
 
 
 def resolve_role(route_role: str | None, model: str | None, served_model: str) -> str:
@@ -241,6 +247,7 @@ def record(state: GatewayState, call: Call, gen: Generation) -> str:
         prompt_ids=list(call.prompt.ids),
         response_ids=list(gen.response_ids),
         response_logprobs=list(gen.response_logprobs),
+        response_versions=list(gen.response_versions),
         policy_version=gen.policy_version,
         finish_reason=gen.finish_reason or "stop",
         latency_s=time.perf_counter() - call.t0,
@@ -270,6 +277,7 @@ async def generate(state: GatewayState, call: Call) -> Generation:
     return Generation(
         response_ids=list(res["response_ids"]),
         response_logprobs=list(res["response_logprobs"]),
+        response_versions=list(res["response_versions"]),
         finish_reason=res["finish_reason"],
         policy_version=res["policy_version"],
         replica=res.get("replica", ""),

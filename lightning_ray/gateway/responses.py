@@ -1,7 +1,8 @@
 """OpenAI response bodies and stream chunks for chat and text completions.
 
-Non-standard: every body and chunk carries `policy_version` (the policy that generated it), also sent as the
-`X-Policy-Version` header.
+Non-standard: every body and chunk carries `policy_version`, the policy that generated it: a chunk of tokens,
+the version of those tokens; a body, the header `X-Policy-Version` and the other chunks, the version the call
+started on (a call interrupted by a weight update goes on under the new version, and its chunks say so).
 """
 
 from __future__ import annotations

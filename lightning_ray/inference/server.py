@@ -21,6 +21,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from lightning_ray.config import InferenceConfig, ModelConfig, SamplingConfig
+from lightning_ray.monitor.busy import BusyTime
 from lightning_ray.weights.receiver import WeightReceiverExtension
 
 APP_NAME = "lightning-ray-inference"
@@ -105,7 +106,7 @@ class InferenceServer:
         self.version = 0
         self.replica = _replica_name()
         self._inflight = 0
-        self._busy_s, self._busy_since = 0.0, 0.0
+        self.busy = BusyTime()
         self._drained = asyncio.Event()
         self._drained.set()
         self._open = asyncio.Event()
@@ -117,23 +118,21 @@ class InferenceServer:
 
     async def _admit(self) -> int:
         await self._open.wait()
-        if self._inflight == 0:
-            self._busy_since = time.perf_counter()
+        self.busy.start()
         self._inflight += 1
         self._drained.clear()
         return self.version
 
     def _release(self) -> None:
         self._inflight -= 1
+        self.busy.stop()
         if self._inflight == 0:
-            self._busy_s += time.perf_counter() - self._busy_since
             self._drained.set()
 
     def busy_seconds(self) -> float:
         """Seconds this engine had at least one request in flight, since it started (a running total, so the
         driver takes differences)."""
-        running = time.perf_counter() - self._busy_since if self._inflight else 0.0
-        return self._busy_s + running
+        return self.busy.seconds()
 
     def _check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:

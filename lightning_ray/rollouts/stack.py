@@ -3,6 +3,7 @@ workers, started in that order and stopped together. `lightning-ray train`, `rol
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import ray
@@ -13,6 +14,9 @@ from lightning_ray.inference.server import APP_NAME, FROZEN_APP_NAME, deploy_inf
 from lightning_ray.models import resolve_model
 from lightning_ray.rollouts.worker import start_rollout_workers
 from lightning_ray.tasks.actor import task_pool_from_config
+
+STOP_TIMEOUT_S = 60.0  # an agent's teardown and the gateway's shutdown
+log = logging.getLogger(__name__)
 
 
 def deploy_policies(cfg: Config) -> Any:
@@ -37,8 +41,14 @@ def start_rollout_stack(cfg: Config, split: str = "train") -> tuple[Any, Any, li
 
 def stop_rollout_stack(workers: list[Any], pools: list[Any]) -> None:
     """Stop the workers (agent teardown, gateway) and the pools; the inference apps (live and frozen, when
-    deployed) go with `serve.delete`."""
-    ray.get([w.stop.remote() for w in workers])
+    deployed) go with `serve.delete`. A worker that already died is only logged: there is nothing to stop."""
+    for worker, stopped in zip(workers, [w.stop.remote() for w in workers], strict=True):
+        try:
+            ray.get(stopped, timeout=STOP_TIMEOUT_S)
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            log.warning(
+                "rollout worker %s did not stop cleanly: %s", worker, str(e).splitlines()[0] if str(e) else e
+            )
     for actor in [*workers, *(p for p in pools if p is not None)]:
         ray.kill(actor)
     for app in (APP_NAME, FROZEN_APP_NAME):

@@ -23,6 +23,7 @@ from lightning_ray.agent.api import call_agent, load_agent
 from lightning_ray.agent.rewards import EmittedReward, coerce_reward, open_reward_sink, rollout_reward
 from lightning_ray.config import Config
 from lightning_ray.data.schema import FinishedRollout, Transition, group_tables
+from lightning_ray.monitor.busy import BusyTime
 from lightning_ray.monitor.errors import classify_outcome
 from lightning_ray.rollouts import capture
 from lightning_ray.tasks.records import Lease, RolloutReport
@@ -72,6 +73,7 @@ class RolloutWorker:
             max_workers=self.cfg.rollout.concurrency, thread_name_prefix="agent"
         )
         self.gateway = None
+        self.busy = BusyTime()
         capture.install()
 
     async def start(self) -> str:
@@ -87,10 +89,16 @@ class RolloutWorker:
     def ping(self) -> str:
         return self.worker_id
 
+    def busy_seconds(self) -> float:
+        """Seconds this worker had at least one rollout running, since it started (a running total, so the
+        driver takes differences)."""
+        return self.busy.seconds()
+
     async def work(
         self, batch_id: str, pool: Any = None, sampling: dict[str, Any] | None = None
     ) -> dict[str, int]:
-        """Lease and run rollouts until the batch is done; returns counts of what this worker ran.
+        """Lease and run rollouts until the batch is done (an open batch, a stream, only once it is closed and
+        every rollout ended); returns counts of what this worker ran.
 
         `pool` runs a batch of another TaskPool (validation); `sampling` overrides the configured sampling
         the agents are given (e.g. `{"temperature": 0.0}` for greedy validation).
@@ -147,6 +155,10 @@ class RolloutWorker:
         await pool.report_group.remote(group_tables(rollouts), [_report_of(r) for r in rollouts])
 
     async def _run_one(self, lease: Lease, overrides: dict[str, Any]) -> FinishedRollout:
+        with self.busy.running():
+            return await self._rollout(lease, overrides)
+
+    async def _rollout(self, lease: Lease, overrides: dict[str, Any]) -> FinishedRollout:
         rid = lease.rollout_id
         llm = LLM.for_rollout(
             self.gateway.url,

@@ -2,8 +2,8 @@
 
 All methods run on the actor's one event loop and call the plain `TaskPool` synchronously, so its state is
 never touched concurrently. Most are the plain methods as they are (`_forward`); the actor adds waiting (an
-idle worker's `lease(wait_s=...)` and `wait_batch` sleep on one change event, set whenever rollouts are queued,
-requeued or finished) and owning a finished group's tables (`report_group`).
+idle worker's `lease(wait_s=...)`, `wait_batch` and `wait_groups` sleep on one change event, set whenever
+rollouts are queued, requeued or finished) and owning a finished group's tables (`report_group`).
 
 A background loop expires leases and pings registered worker handles every `check_interval_s`; a worker whose
 ping raises `ActorDiedError` is reported dead and its leases go back to the queue. A ping that is merely slow
@@ -38,7 +38,7 @@ DEFAULT_POOL_NAME = "lightning_ray.task_pool"
 def _forward(method: Callable[..., Any], *, notify: bool = False) -> Callable[..., Any]:
     """`TaskPool.<method>` as a method of the actor (same name, signature and docstring, so Ray checks the
     arguments of `.remote(...)` against it). `notify`: the call can queue, requeue or finish rollouts, so
-    whoever waits for a change (`lease(wait_s=...)`, `wait_batch`) looks again."""
+    whoever waits for a change (`lease(wait_s=...)`, `wait_batch`, `wait_groups`) looks again."""
 
     @functools.wraps(method)
     async def forward(self: TaskPoolActor, *args: Any, **kwargs: Any) -> Any:
@@ -73,6 +73,12 @@ class TaskPoolActor:
     register_worker = _forward(TaskPool.register_worker)
     report_worker_dead = _forward(TaskPool.report_worker_dead, notify=True)
     start_batch = _forward(TaskPool.start_batch, notify=True)
+    open_batch = _forward(TaskPool.open_batch)
+    add_groups = _forward(TaskPool.add_groups, notify=True)
+    close_batch = _forward(TaskPool.close_batch, notify=True)
+    take_groups = _forward(TaskPool.take_groups)
+    forget_groups = _forward(TaskPool.forget_groups)
+    open_groups = _forward(TaskPool.open_groups)
     renew = _forward(TaskPool.renew)
     complete = _forward(TaskPool.complete, notify=True)
     batch_results = _forward(TaskPool.batch_results)
@@ -114,6 +120,18 @@ class TaskPoolActor:
                 return False
             self._pool.expire_leases()
         return True
+
+    async def wait_groups(
+        self, batch_id: str, max_n: int | None = None, timeout_s: float = 0.0
+    ) -> list[dict[str, Any]]:
+        """`TaskPool.take_groups`, after waiting up to `timeout_s` seconds (0: not at all) for a complete group.
+        An empty answer means: none completed in time, or the batch is done and every group was taken."""
+        self._start()
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            taken = self._pool.take_groups(batch_id, max_n)
+            if taken or self._pool.batch_done(batch_id) or not await self._wait_for_change(deadline):
+                return taken
 
     async def report_group(self, tables: dict[str, Any], reports: list[RolloutReport]) -> list[str]:
         """A worker's finished group in one call: its tables (`lightning_ray.data.schema.group_tables`) become

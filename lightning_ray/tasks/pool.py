@@ -1,90 +1,52 @@
-"""The task pool's logic as a plain class: groups, leases, retries and the one final state of each rollout.
+"""The task pool as a plain class: the dataset's order, GRPO groups and the batches they belong to, on top of
+the rollout life cycle of `LeaseQueue` (`leases.py`: queue, leases, retries, reports, one final state each).
 
-Life of a rollout: `queued` -> `leased` (a worker holds it until a deadline) -> one final state:
+A batch is made one of two ways:
 
-- `succeeded` / `failed` (with a kind) / `timed_out`: reported by the worker through `complete()`;
-- `abandoned`: its lease expired or its worker died and it had used all `max_attempts`, or its batch was
-  cancelled.
+- `start_batch(n)`: n groups drawn at once; done when every rollout is final (the synchronous loop).
+- a stream: `open_batch()`, then `add_groups` whenever the driver wants more in flight. `close_batch` ends it:
+  no more groups, queued rollouts abandoned, leased ones run to their end; it is done when they have ended.
 
-An expired lease or a dead worker's lease goes back to the *front* of the queue (so a batch finishes soon)
-while attempts remain. Every lease carries an attempt number; a `complete()` from an older attempt is
-ignored, and a repeated one is a no-op, so workers may retry their reports freely. The class is not thread-
-safe: the Ray actor wrapper (`actor.py`) calls it from one event loop. Deadlines use the monotonic clock.
+In both, a group whose last rollout reaches a final state (whatever its status) joins its batch's completion
+queue, in completion order: `take_groups` hands complete groups out and `forget_groups` drops them once used,
+so a stream that runs for a whole training run keeps only the groups in flight in memory.
 """
 
 from __future__ import annotations
 
+import itertools
 import secrets
-import time
-from collections import Counter, deque
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_ray.tasks.dataset import Task
+from lightning_ray.tasks.leases import LeaseQueue, RolloutState, new_id
 from lightning_ray.tasks.order import TaskOrder
-from lightning_ray.tasks.records import (
-    FINAL_STATUSES,
-    REPORTABLE_STATUSES,
-    Lease,
-    RolloutRecord,
-    RolloutReport,
-    RolloutStatus,
-    WorkerDeadError,
-)
-
-
-@dataclass
-class _Rollout:
-    rollout_id: str
-    batch_id: str
-    group_id: str
-    index_in_group: int
-    task: Task
-    status: RolloutStatus = RolloutStatus.QUEUED
-    attempt: int = 0
-    worker_id: str | None = None
-    deadline: float | None = None
-    reported_attempt: int | None = None  # the latest attempt a complete() was accepted for
-    kind: str | None = None
-    reward: float | None = None
-    failure: dict[str, Any] | None = None
-    result: Any = None
-    history: list[dict[str, Any]] = field(default_factory=list)
+from lightning_ray.tasks.records import FINAL_STATUSES, RolloutRecord, RolloutStatus
 
 
 @dataclass
 class _Group:
     group_id: str
-    batch_id: str
     task_id: str
     rollout_ids: list[str]
-    remaining: int
+    remaining: int  # rollouts not final yet
 
 
 @dataclass
 class _Batch:
     batch_id: str
-    group_ids: list[str]
-    rollout_ids: list[str]
-    remaining: int
+    group_size: int
+    open: bool  # groups may still be added
+    groups: dict[str, _Group] = field(default_factory=dict)  # in the order they were added
+    completed: dict[str, None] = field(default_factory=dict)  # complete groups not taken, in completion order
+    remaining: int = 0  # rollouts not final yet
 
 
-@dataclass
-class _Worker:
-    handle: Any
-    alive: bool = True
-    reason: str = ""
-    held: set[str] = field(default_factory=set)
-
-
-def _new_id() -> str:
-    """Unguessable: rollout ids appear in gateway URLs, which must not be addressable by guessing."""
-    return secrets.token_urlsafe(16)
-
-
-class TaskPool:
-    """Dataset position, GRPO groups and leases. See the module docstring for the rollout life cycle."""
+class TaskPool(LeaseQueue):
+    """Dataset position, GRPO groups and batches. See `leases.py` for the rollout life cycle."""
 
     def __init__(
         self,
@@ -98,26 +60,14 @@ class TaskPool:
     ) -> None:
         if not tasks:
             raise ValueError("TaskPool needs at least one task")
-        if group_size < 1 or max_attempts < 1 or lease_timeout_s <= 0:
-            raise ValueError(
-                f"group_size ({group_size}) and max_attempts ({max_attempts}) must be >= 1, "
-                f"lease_timeout_s ({lease_timeout_s}) > 0"
-            )
+        if group_size < 1:
+            raise ValueError(f"group_size ({group_size}) must be >= 1")
+        super().__init__(max_attempts=max_attempts, lease_timeout_s=lease_timeout_s)
         self.group_size = group_size
-        self.max_attempts = max_attempts
-        self.lease_timeout_s = lease_timeout_s
         self._order = TaskOrder(tasks, shuffle=shuffle, seed=seed)
-        self._rollouts: dict[str, _Rollout] = {}
-        self._groups: dict[str, _Group] = {}
+        self._tasks = {t.task_id: t for t in tasks}
         self._batches: dict[str, _Batch] = {}
-        self._queue: deque[str] = deque()
-        self._workers: dict[str, _Worker] = {}
-        # Cumulative counters survive `forget_batch`, so `stats()` adds up over the whole run.
-        self._by_status: Counter[str] = Counter()
-        self._failures_by_kind: Counter[str] = Counter()
-        self._created = 0
-        self._leases_granted = 0
-        self._requeued = 0
+        # Cumulative, like the rollout counters of `LeaseQueue`: forgetting a batch or a group keeps them.
         self._batches_started = 0
         self._batches_done = 0
         self._groups_done = 0
@@ -129,40 +79,61 @@ class TaskPool:
         return len(self._order)
 
     def state(self) -> dict[str, Any]:
-        """The data position after every batch started so far. Save it with a checkpoint taken between
-        steps; `load_state` on a pool over the same dataset then draws exactly the tasks that come next."""
+        """The data position after every group drawn so far. Save it with a checkpoint taken between steps;
+        `load_state` on a pool over the same dataset then draws exactly the tasks that come next."""
         return self._order.state()
 
     def load_state(self, state: dict[str, Any]) -> None:
         self._order.load_state(state)
 
-    # ---- batches and groups ----------------------------------------------------------------------------
+    # ---- batches ---------------------------------------------------------------------------------------
 
     def start_batch(self, num_tasks: int, group_size: int | None = None) -> str:
         """Draw the next `num_tasks` tasks (cycling through epochs) and queue `group_size` rollouts of each,
         one GRPO group per task. Returns the batch id."""
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks ({num_tasks}) must be >= 1")
+        batch = self._new_batch(group_size, is_open=False)
+        self._add_groups(batch, self._order.draw(num_tasks))
+        return batch.batch_id
+
+    def open_batch(self, group_size: int | None = None) -> str:
+        """A stream: a batch with no groups yet, not done until `close_batch` (see the module docstring)."""
+        return self._new_batch(group_size, is_open=True).batch_id
+
+    def add_groups(self, batch_id: str, n: int, task_ids: Sequence[str] = ()) -> list[str]:
+        """Queue new groups in an open batch: one for each of `task_ids` (those tasks run again; the data
+        position does not move), then `n` of tasks drawn next from the data order, as `start_batch` draws
+        them. Returns the new group ids, in that order."""
+        batch = self._batch(batch_id)
+        if not batch.open:
+            raise ValueError(f"batch {batch_id} is closed: no groups can be added to it")
+        if n < 0:
+            raise ValueError(f"n ({n}) must be >= 0")
+        unknown = [t for t in task_ids if t not in self._tasks]
+        if unknown:
+            raise KeyError(f"task ids not in this pool's dataset: {unknown!r}")
+        return self._add_groups(batch, [self._tasks[t] for t in task_ids] + self._order.draw(n))
+
+    def _new_batch(self, group_size: int | None, *, is_open: bool) -> _Batch:
         group_size = self.group_size if group_size is None else group_size
-        if num_tasks < 1 or group_size < 1:
-            raise ValueError(f"num_tasks ({num_tasks}) and group_size ({group_size}) must be >= 1")
-        batch_id = f"b{self._batches_started}-{secrets.token_hex(4)}"
-        batch = _Batch(batch_id=batch_id, group_ids=[], rollout_ids=[], remaining=0)
-        for task in self._order.draw(num_tasks):
-            group_id = f"g-{secrets.token_hex(8)}"
-            rollout_ids = [_new_id() for _ in range(group_size)]
-            self._groups[group_id] = _Group(
-                group_id, batch_id, task.task_id, rollout_ids, remaining=group_size
-            )
-            for i, rid in enumerate(rollout_ids):
-                self._rollouts[rid] = _Rollout(rid, batch_id, group_id, i, task)
-                self._queue.append(rid)
-            batch.group_ids.append(group_id)
-            batch.rollout_ids.extend(rollout_ids)
-        batch.remaining = len(batch.rollout_ids)
-        self._batches[batch_id] = batch
+        if group_size < 1:
+            raise ValueError(f"group_size ({group_size}) must be >= 1")
+        batch = _Batch(f"b{self._batches_started}-{secrets.token_hex(4)}", group_size, is_open)
+        self._batches[batch.batch_id] = batch
         self._batches_started += 1
-        self._created += batch.remaining
-        self._by_status[RolloutStatus.QUEUED] += batch.remaining
-        return batch_id
+        return batch
+
+    def _add_groups(self, batch: _Batch, tasks: list[Task]) -> list[str]:
+        size, added = batch.group_size, []
+        for task in tasks:
+            group = _Group(f"g-{secrets.token_hex(8)}", task.task_id, [new_id() for _ in range(size)], size)
+            batch.groups[group.group_id] = group
+            batch.remaining += size
+            for i, rid in enumerate(group.rollout_ids):
+                self._add(RolloutState(rid, batch.batch_id, group.group_id, size, i, task))
+            added.append(group.group_id)
+        return added
 
     def _batch(self, batch_id: str) -> _Batch:
         try:
@@ -170,12 +141,17 @@ class TaskPool:
         except KeyError:
             raise KeyError(f"unknown batch {batch_id!r} (never started, or forgotten)") from None
 
+    def _rollouts_of(self, batch: _Batch) -> Iterator[RolloutState]:
+        return (self._rollouts[rid] for g in batch.groups.values() for rid in g.rollout_ids)
+
     def batch_done(self, batch_id: str) -> bool:
-        return self._batch(batch_id).remaining == 0
+        """Whether every rollout of the batch is final and no more can be added to it."""
+        batch = self._batch(batch_id)
+        return not batch.open and batch.remaining == 0
 
     def batch_results(self, batch_id: str) -> list[RolloutRecord]:
-        """Every rollout of the batch, group by group, in its current (final once the batch is done) state."""
-        return [self._record(self._rollouts[rid]) for rid in self._batch(batch_id).rollout_ids]
+        """Every rollout of the batch (its forgotten groups aside), group by group, in its current state."""
+        return [self._record(r) for r in self._rollouts_of(self._batch(batch_id))]
 
     def groups(self, batch_id: str) -> list[dict[str, Any]]:
         return [
@@ -185,283 +161,95 @@ class TaskPool:
                 "rollout_ids": list(g.rollout_ids),
                 "done": g.remaining == 0,
             }
-            for g in (self._groups[gid] for gid in self._batch(batch_id).group_ids)
+            for g in self._batch(batch_id).groups.values()
         ]
+
+    def close_batch(self, batch_id: str, reason: str = "batch closed") -> int:
+        """No more groups: the rollouts still queued (none is running) end abandoned with `reason`, leased ones
+        run to their end. Returns how many were abandoned; the groups that completes are queued as complete."""
+        return self._close(batch_id, reason, lambda r: r.status is RolloutStatus.QUEUED)
 
     def cancel_batch(self, batch_id: str, reason: str = "batch cancelled") -> int:
-        """Abandon every rollout of the batch that is not final yet (a stopped run). Returns how many."""
-        n = 0
-        for rid in self._batch(batch_id).rollout_ids:
-            r = self._rollouts[rid]
-            if r.status not in FINAL_STATUSES:
-                self._release(r, reason)
-                self._finish(r, RolloutStatus.ABANDONED, failure={"reason": reason})
-                n += 1
-        return n
+        """Close the batch and abandon every rollout of it that is not final yet (a stopped run), leased ones
+        too. Returns how many."""
+        return self._close(batch_id, reason, lambda r: r.status not in FINAL_STATUSES)
+
+    def _close(self, batch_id: str, reason: str, abandons: Callable[[RolloutState], bool]) -> int:
+        batch = self._batch(batch_id)
+        if batch.open:
+            batch.open = False
+            if batch.remaining == 0:
+                self._batches_done += 1
+        abandoned = [r for r in self._rollouts_of(batch) if abandons(r)]
+        for r in abandoned:
+            self._abandon(r, reason)
+        return len(abandoned)
 
     def forget_batch(self, batch_id: str) -> None:
-        """Drop a finished batch's records to bound memory; cumulative `stats()` still count it."""
+        """Drop a done batch's records to bound memory; cumulative `stats()` still count it."""
         batch = self._batch(batch_id)
-        if batch.remaining:
-            raise ValueError(
-                f"batch {batch_id} still has {batch.remaining} unfinished rollouts; cancel it first"
-            )
-        for gid in batch.group_ids:
-            del self._groups[gid]
-        for rid in batch.rollout_ids:
-            del self._rollouts[rid]
+        if not self.batch_done(batch_id):
+            state = "is still open" if batch.open else f"still has {batch.remaining} unfinished rollouts"
+            raise ValueError(f"batch {batch_id} {state}; close or cancel it first")
+        self._forget(batch, list(batch.groups.values()))
         del self._batches[batch_id]
 
-    # ---- workers and leases ----------------------------------------------------------------------------
+    # ---- complete groups -------------------------------------------------------------------------------
 
-    def register_worker(self, worker_id: str, handle: Any = None) -> None:
-        """Make a worker known (with its actor handle, so the actor wrapper can ping it)."""
-        w = self._workers.get(worker_id)
-        if w is not None and not w.alive:
-            raise WorkerDeadError(
-                f"worker {worker_id} was reported dead ({w.reason}); register under a new id"
-            )
-        if w is None:
-            self._workers[worker_id] = _Worker(handle=handle)
-        elif handle is not None:
-            w.handle = handle
+    def take_groups(self, batch_id: str, max_n: int | None = None) -> list[dict[str, Any]]:
+        """Take up to `max_n` (None: all) complete groups off the batch's completion queue, first completed
+        first: each `{"group_id", "task_id", "records"}` with the final record of every rollout, in index order."""
+        if max_n is not None and max_n < 1:
+            raise ValueError(f"max_n ({max_n}) must be >= 1 or None")
+        batch = self._batch(batch_id)
+        taken = list(itertools.islice(batch.completed, max_n))
+        out = []
+        for group_id in taken:
+            del batch.completed[group_id]
+            group = batch.groups[group_id]
+            records = [self._record(self._rollouts[rid]) for rid in group.rollout_ids]
+            out.append({"group_id": group_id, "task_id": group.task_id, "records": records})
+        return out
 
-    def worker_handles(self) -> dict[str, Any]:
-        """Handles of the workers believed alive, for liveness pings."""
-        return {wid: w.handle for wid, w in self._workers.items() if w.alive and w.handle is not None}
+    def forget_groups(self, batch_id: str, group_ids: Sequence[str]) -> None:
+        """Drop complete groups' rollouts and records (their results, e.g. table refs, go with them). Ids the
+        batch does not hold (forgotten already, or restored from a checkpoint of another pool) are skipped."""
+        batch = self._batch(batch_id)
+        groups = [batch.groups[g] for g in dict.fromkeys(group_ids) if g in batch.groups]
+        unfinished = [g.group_id for g in groups if g.remaining]
+        if unfinished:
+            raise ValueError(f"groups {unfinished!r} still have unfinished rollouts; only complete ones go")
+        self._forget(batch, groups)
 
-    def report_worker_dead(self, worker_id: str, reason: str = "reported dead") -> list[str]:
-        """Revoke every lease the worker holds; returns the rollout ids it held."""
-        w = self._workers.setdefault(worker_id, _Worker(handle=None))
-        if not w.alive:
-            return []
-        w.alive, w.reason = False, reason
-        held = sorted(w.held)
-        for rid in held:
-            self._revoke(self._rollouts[rid], f"worker {worker_id} died: {reason}")
-        return held
+    def _forget(self, batch: _Batch, groups: list[_Group]) -> None:
+        for group in groups:
+            del batch.groups[group.group_id]
+            batch.completed.pop(group.group_id, None)
+            for rid in group.rollout_ids:
+                del self._rollouts[rid]
 
-    def _worker(self, worker_id: str) -> _Worker:
-        w = self._workers.get(worker_id)
-        if w is None:
-            self.register_worker(worker_id)
-            w = self._workers[worker_id]
-        if not w.alive:
-            raise WorkerDeadError(
-                f"worker {worker_id} was reported dead ({w.reason}); register under a new id"
-            )
-        return w
+    def open_groups(self, batch_id: str) -> list[str]:
+        """The task ids of the batch's groups that are started and not complete (what a checkpoint re-runs)."""
+        return [g.task_id for g in self._batch(batch_id).groups.values() if g.remaining]
 
-    def lease(self, worker_id: str, max_n: int = 1, now: float | None = None) -> list[Lease]:
-        """Hand up to `max_n` queued rollouts to the worker (retries first, then in group order)."""
-        w = self._worker(worker_id)
-        now = time.monotonic() if now is None else now
-        self.expire_leases(now)
-        leases: list[Lease] = []
-        while self._queue and len(leases) < max_n:
-            r = self._rollouts.get(self._queue.popleft())
-            if r is None or r.status is not RolloutStatus.QUEUED:
-                continue  # finished by a late report while queued, or forgotten
-            r.attempt += 1
-            r.worker_id = worker_id
-            r.deadline = now + self.lease_timeout_s
-            self._set_status(r, RolloutStatus.LEASED)
-            w.held.add(r.rollout_id)
-            self._leases_granted += 1
-            group = self._groups[r.group_id]
-            leases.append(
-                Lease(
-                    rollout_id=r.rollout_id,
-                    attempt=r.attempt,
-                    batch_id=r.batch_id,
-                    group_id=r.group_id,
-                    group_size=len(group.rollout_ids),
-                    index_in_group=r.index_in_group,
-                    task_id=r.task.task_id,
-                    task=r.task.data,
-                    expires_at=time.time() + self.lease_timeout_s,
-                )
-            )
-        return leases
-
-    def renew(self, worker_id: str, leases: list[tuple[str, int]], now: float | None = None) -> list[str]:
-        """Extend the worker's leases given as (rollout_id, attempt); returns the ids it still holds (the
-        others were revoked or finished: stop working on them)."""
-        w = self._worker(worker_id)
-        now = time.monotonic() if now is None else now
-        self.expire_leases(now)
-        held = []
-        for rid, attempt in leases:
-            r = self._rollouts.get(rid)
-            if r is not None and r.status is RolloutStatus.LEASED and r.attempt == attempt and rid in w.held:
-                r.deadline = now + self.lease_timeout_s
-                held.append(rid)
-        return held
-
-    def expire_leases(self, now: float | None = None) -> list[str]:
-        """Revoke every lease past its deadline; returns their rollout ids."""
-        now = time.monotonic() if now is None else now
-        expired = [
-            r
-            for w in self._workers.values()
-            for r in (self._rollouts[rid] for rid in w.held)
-            if r.deadline is not None and r.deadline < now
-        ]
-        for r in expired:
-            self._revoke(r, f"lease expired (worker {r.worker_id}, {self.lease_timeout_s:g}s)")
-        return [r.rollout_id for r in expired]
-
-    def _release(self, r: _Rollout, event: str) -> None:
-        """Take the rollout away from its worker, noting why in its history."""
-        if r.worker_id is not None:
-            w = self._workers.get(r.worker_id)
-            if w is not None:
-                w.held.discard(r.rollout_id)
-        r.history.append(
-            {"attempt": r.attempt, "worker_id": r.worker_id, "event": event, "time": time.time()}
-        )
-        r.deadline = None
-
-    def _revoke(self, r: _Rollout, reason: str) -> None:
-        self._release(r, reason)
-        if r.attempt < self.max_attempts:
-            self._requeue(r)
-        else:
-            self._finish(
-                r,
-                RolloutStatus.ABANDONED,
-                failure={"reason": f"{reason}; all {self.max_attempts} attempts used"},
-            )
-
-    def _requeue(self, r: _Rollout) -> None:
-        self._set_status(r, RolloutStatus.QUEUED)
-        self._queue.appendleft(r.rollout_id)
-        self._requeued += 1
-
-    # ---- reports ---------------------------------------------------------------------------------------
-
-    def complete(
-        self,
-        rollout_id: str,
-        attempt: int,
-        status: str,
-        *,
-        kind: str | None = None,
-        reward: float | None = None,
-        failure: dict[str, Any] | None = None,
-        result: Any = None,
-        retry: bool = False,
-    ) -> str:
-        """Record how attempt `attempt` of a rollout ended.
-
-        `status` is succeeded, failed (needs `kind`, e.g. "agent_exception") or timed_out. With `retry=True`
-        a failed/timed-out rollout is queued again if attempts remain. `failure` is a JSON-able description
-        (see `lightning_ray.monitor.errors.Failure.to_dict`); `result` is kept as is (e.g. an ObjectRef).
-
-        Returns "accepted", "requeued", "duplicate" (this attempt already reported: nothing changed),
-        "stale" (a newer attempt exists, or the rollout already ended otherwise) or "unknown".
-        """
-        status = RolloutStatus(status)
-        if status not in REPORTABLE_STATUSES:
-            raise ValueError(f"a worker reports succeeded, failed or timed_out, not {status}")
-        if status is RolloutStatus.FAILED and not kind:
-            raise ValueError("a failed rollout needs a kind, e.g. 'agent_exception'")
-        r = self._rollouts.get(rollout_id)
-        if r is None:
-            return "unknown"
-        if r.reported_attempt == attempt:
-            return "duplicate"
-        if r.status in FINAL_STATUSES or attempt != r.attempt:
-            return "stale"
-        # The current attempt: normally still leased; possibly revoked and queued again, but not yet handed
-        # out, in which case the late report is still the newest work on it and is kept.
-        if r.status is RolloutStatus.LEASED:
-            self._release(r, f"reported {status}" + (f" ({kind})" if kind else ""))
-        r.reported_attempt = attempt
-        if retry and status is not RolloutStatus.SUCCEEDED and r.attempt < self.max_attempts:
-            r.history[-1]["failure"] = failure
-            if r.status is not RolloutStatus.QUEUED:
-                self._requeue(r)
-            return "requeued"
-        if status is RolloutStatus.TIMED_OUT:
-            kind = kind or "timeout"
-        self._finish(
-            r,
-            status,
-            kind=kind if status is not RolloutStatus.SUCCEEDED else None,
-            reward=reward,
-            failure=failure,
-            result=result,
-        )
-        return "accepted"
-
-    def complete_all(self, reports: Sequence[RolloutReport], result: Any = None) -> list[str]:
-        """`complete` each report, all with the same `result` (e.g. the tables of the group they ran in); returns
-        `complete`'s answer for each."""
-        return [
-            self.complete(
-                r.rollout_id,
-                r.attempt,
-                r.status,
-                kind=r.kind,
-                reward=r.reward,
-                failure=r.failure,
-                result=result,
-            )
-            for r in reports
-        ]
-
-    def _set_status(self, r: _Rollout, status: RolloutStatus) -> None:
-        self._by_status[r.status] -= 1
-        self._by_status[status] += 1
-        r.status = status
-
-    def _finish(
-        self,
-        r: _Rollout,
-        status: RolloutStatus,
-        *,
-        kind: str | None = None,
-        reward: float | None = None,
-        failure: dict[str, Any] | None = None,
-        result: Any = None,
-    ) -> None:
-        self._set_status(r, status)
-        r.kind, r.reward, r.failure, r.result, r.deadline = kind, reward, failure, result, None
-        if kind is not None:
-            self._failures_by_kind[kind] += 1
-        group = self._groups[r.group_id]
+    def _ended(self, r: RolloutState) -> None:
+        batch = self._batches[r.batch_id]
+        group = batch.groups[r.group_id]
         group.remaining -= 1
         if group.remaining == 0:
             self._groups_done += 1
-        batch = self._batches[r.batch_id]
+            batch.completed[group.group_id] = None
         batch.remaining -= 1
-        if batch.remaining == 0:
+        if batch.remaining == 0 and not batch.open:
             self._batches_done += 1
-
-    def _record(self, r: _Rollout) -> RolloutRecord:
-        return RolloutRecord(
-            rollout_id=r.rollout_id,
-            batch_id=r.batch_id,
-            group_id=r.group_id,
-            index_in_group=r.index_in_group,
-            task_id=r.task.task_id,
-            status=str(r.status),
-            attempts=r.attempt,
-            worker_id=r.worker_id,
-            kind=r.kind,
-            reward=r.reward,
-            failure=r.failure,
-            result=r.result,
-            history=tuple(dict(h) for h in r.history),
-        )
 
     # ---- accounting ------------------------------------------------------------------------------------
 
     def stats(self, batch_id: str | None = None) -> dict[str, Any]:
         """Counts by status; `rollouts` always equals the sum of the six status counts.
 
-        Without `batch_id`: cumulative over the pool's life (forgotten batches included). With it: that batch.
+        Without `batch_id`: cumulative over the pool's life (forgotten batches and groups included). With it:
+        that batch's groups not forgotten.
         """
         if batch_id is None:
             by_status = {s.value: self._by_status[s] for s in RolloutStatus}
@@ -479,16 +267,16 @@ class TaskPool:
             }
         else:
             batch = self._batch(batch_id)
-            rs = [self._rollouts[rid] for rid in batch.rollout_ids]
+            rs = list(self._rollouts_of(batch))
             counts = Counter(r.status for r in rs)
             out = {
                 "rollouts": len(rs),
                 **{s.value: counts[s] for s in RolloutStatus},
                 "failures_by_kind": dict(Counter(r.kind for r in rs if r.kind is not None)),
                 "leases_granted": sum(r.attempt for r in rs),
-                "groups": len(batch.group_ids),
-                "groups_done": sum(self._groups[g].remaining == 0 for g in batch.group_ids),
-                "done": batch.remaining == 0,
+                "groups": len(batch.groups),
+                "groups_done": sum(g.remaining == 0 for g in batch.groups.values()),
+                "done": self.batch_done(batch_id),
             }
         out["final"] = sum(out[s.value] for s in FINAL_STATUSES)
         return out

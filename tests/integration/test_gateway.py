@@ -66,6 +66,7 @@ def test_chat_records_exact_ids(gateway, rollout, inference):
     assert t.response_text == text == decode(tok, t.response_ids)
     assert t.prompt_ids == encode(tok, render_chat(tok, QUESTION))
     assert len(t.response_logprobs) == len(t.response_ids) > 0
+    assert t.response_versions == [t.policy_version] * len(t.response_ids)  # no weight update in between
     assert t.finish_reason == out.choices[0].finish_reason
     assert (t.agent, t.endpoint, t.call_index, t.extra["spliced_from"]) == ("default", "chat", 0, None)
     assert out.usage.prompt_tokens == len(t.prompt_ids) and out.usage.completion_tokens == len(t.response_ids)
@@ -107,6 +108,8 @@ def test_stream_is_recorded_like_a_plain_call(gateway, inference):
     assert streamed.response_ids == plain.response_ids
     assert np.allclose(streamed.response_logprobs, plain.response_logprobs, atol=1e-4)
     assert streamed.policy_version == plain.policy_version
+    for t in (streamed, plain):
+        assert t.response_versions == [t.policy_version] * len(t.response_ids)
 
 
 def test_stream_with_usage_and_sampled_tokens(gateway, rollout):

@@ -43,6 +43,7 @@ def make_table(num_groups: int = 2, group_size: int = 4, seed: int = 0, calls: i
                 cols["prompt_ids"].append(rng.integers(100, 5000, p).tolist())
                 cols["response_ids"].append(rng.integers(100, 5000, r).tolist())
                 cols["response_logprobs"].append([-10.0] * r)
+                cols["response_versions"].append([0] * r)
                 cols["policy_version"].append(0)
                 cols["finish_reason"].append("stop")
                 cols["latency_s"].append(0.0)

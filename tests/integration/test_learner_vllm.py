@@ -40,6 +40,7 @@ def sample_table(inference, prompts: list[list[int]], seed: int) -> pa.Table:
             "prompt_ids": [o["prompt_ids"] for o in outs],
             "response_ids": [o["response_ids"] for o in outs],
             "response_logprobs": [o["response_logprobs"] for o in outs],
+            "response_versions": [o["response_versions"] for o in outs],
             "policy_version": [o["policy_version"] for o in outs],
             "finish_reason": [o["finish_reason"] for o in outs],
             "latency_s": [0.0] * n,

@@ -117,3 +117,30 @@ def test_killing_a_worker_mid_batch_loses_nothing(inference, tiny_config, tmp_pa
         ray.get(workers[1].stop.remote())
         ray.kill(workers[1])
         ray.kill(pool)
+
+
+def test_a_worker_serves_a_stream_until_it_is_closed_and_counts_its_busy_time(
+    inference, tiny_config, tmp_path
+):
+    cfg = config(tiny_config, tmp_path, "tests.agents:slow_agent", ["ok"] * 4, num_workers=1, group_size=2)
+    pool = task_pool_from_config(cfg, name="pool-stream")
+    workers = start_rollout_workers(cfg, pool, prefix="stream")
+    [worker] = workers
+    try:
+        assert ray.get(worker.busy_seconds.remote()) == 0.0
+        batch = ray.get(pool.open_batch.remote())
+        work = worker.work.remote(batch)
+        ray.get(pool.add_groups.remote(batch, 1))
+        [first] = ray.get(pool.wait_groups.remote(batch, None, 60))
+        busy = ray.get(worker.busy_seconds.remote())
+        assert busy >= 1.0  # the agent sleeps 1 s after its call
+        assert not ray.wait([work], timeout=1.0)[0]  # an open batch: the worker waits for more
+        ray.get(pool.add_groups.remote(batch, 0, [first["task_id"]]))
+        [again] = ray.get(pool.wait_groups.remote(batch, None, 60))
+        assert again["task_id"] == first["task_id"] and again["group_id"] != first["group_id"]
+        assert ray.get(worker.busy_seconds.remote()) >= busy + 1.0
+        assert ray.get(pool.close_batch.remote(batch, "run ended")) == 0
+        assert ray.get(work, timeout=60)["rollouts"] == 4
+        assert all(r.status == "succeeded" for g in (first, again) for r in g["records"])
+    finally:
+        stop(workers, pool)

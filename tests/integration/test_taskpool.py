@@ -218,6 +218,32 @@ def test_idle_leases_wait_for_work_and_a_group_reports_in_one_call(ray_cluster, 
     assert ray.get(first.result["rollouts"]).equals(tables["rollouts"])
 
 
+def test_wait_groups_wakes_on_a_complete_group_and_times_out_empty(ray_cluster, pool_name, cleanup):
+    # A check interval longer than the test: every wake-up below comes from the pool's change event.
+    pool = create_task_pool(_tasks(3), name=pool_name, group_size=2, shuffle=False, check_interval_s=60)
+    cleanup.append(pool)
+    batch = ray.get(pool.open_batch.remote())
+    assert ray.get(pool.wait_groups.remote(batch, None, 0.0)) == []
+    t0 = time.monotonic()
+    assert ray.get(pool.wait_groups.remote(batch, None, 0.3)) == []
+    assert time.monotonic() - t0 >= 0.3
+    waiting = pool.wait_groups.remote(batch, 1, 60)
+    [group] = ray.get(pool.add_groups.remote(batch, 1))
+    first, second = ray.get(pool.lease.remote("w", 2))
+    ray.get(pool.complete.remote(first.rollout_id, first.attempt, "succeeded", reward=1.0))
+    time.sleep(0.5)
+    assert not _ready(waiting)  # half a group is not complete
+    ray.get(pool.complete.remote(second.rollout_id, second.attempt, "failed", kind="agent_exception"))
+    [taken] = ray.get(waiting, timeout=10)
+    assert (taken["group_id"], taken["task_id"]) == (group, "t0")
+    assert [r.status for r in taken["records"]] == ["succeeded", "failed"]
+    waiting = pool.wait_groups.remote(batch, None, 60)
+    time.sleep(0.3)
+    assert ray.get(pool.close_batch.remote(batch, "run ended")) == 0
+    assert ray.get(waiting, timeout=10) == []  # done, and every group taken: no need to wait on
+    assert ray.get(pool.batch_done.remote(batch))
+
+
 def test_attempts_exhausted_are_abandoned_and_the_batch_still_completes(ray_cluster, pool_name, cleanup):
     pool = create_task_pool(
         _tasks(4), name=pool_name, group_size=2, max_attempts=1, lease_timeout_s=300, check_interval_s=0.2

@@ -43,6 +43,7 @@ def make_table(rows: list[tuple]) -> pa.Table:
             "prompt_ids": [[1, 2, 3]] * n,
             "response_ids": [[5] * k for k in resp],
             "response_logprobs": [[-1.0] * k for k in resp],
+            "response_versions": [[0] * k for k in resp],
             "policy_version": [0] * n,
             "finish_reason": ["stop"] * n,
             "latency_s": [0.0] * n,

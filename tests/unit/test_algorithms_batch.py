@@ -33,6 +33,7 @@ def make_table(rows: list[tuple]) -> pa.Table:
             "prompt_ids": [r[2] for r in rows],
             "response_ids": [r[3] for r in rows],
             "response_logprobs": [[-0.5 * (j + 1) for j in range(len(r[3]))] for r in rows],
+            "response_versions": [[0] * len(r[3]) for r in rows],
             "policy_version": [0] * n,
             "finish_reason": ["stop"] * n,
             "latency_s": [0.0] * n,

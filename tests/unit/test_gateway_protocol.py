@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from lightning_ray.config import SamplingConfig
 from lightning_ray.data.schema import Transition
 from lightning_ray.gateway import calls
-from lightning_ray.gateway.calls import DEFAULT_ROLE, resolve_role, sampling_for
+from lightning_ray.gateway.calls import DEFAULT_ROLE, Generation, resolve_role, sampling_for
 from lightning_ray.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -152,8 +152,23 @@ def test_role_from_route_then_model_then_default():
         resolve_role("bad role!", None, "smol")
 
 
+def test_a_streamed_generation_keeps_each_tokens_version_and_the_version_it_started_on():
+    gen = Generation()
+    for ids, version, finish in [([1, 2], 4, None), ([3], 5, None), ([], 5, "stop")]:  # updated after token 2
+        gen.add(
+            {
+                "response_ids": ids,
+                "response_logprobs": [-0.5] * len(ids),
+                "policy_version": version,
+                "finish_reason": finish,
+            }
+        )
+    assert (gen.response_ids, gen.response_versions) == ([1, 2, 3], [4, 4, 5])
+    assert (gen.policy_version, gen.finish_reason) == (4, "stop")
+
+
 def transition(index: int) -> Transition:
-    return Transition(index, "default", [1], [2], [-0.1], 0, "stop", 0.1, "x")
+    return Transition(index, "default", [1], [2], [-0.1], [0], 0, "stop", 0.1, "x")
 
 
 def test_recorder_orders_calls_and_forgets_closed_rollouts():

@@ -30,6 +30,7 @@ def row(
         "prompt_ids": prompt,
         "response_ids": response,
         "response_logprobs": [-0.1 * (j + 1) - index for j in range(len(response))],
+        "response_versions": kw.get("versions", [kw.get("version", 3)] * len(response)),
         "policy_version": kw.get("version", 3),
         "finish_reason": kw.get("finish", "stop"),
         "latency_s": 1.0,
@@ -75,6 +76,22 @@ def test_prefix_extending_calls_merge_into_one_sequence():
     assert r["response_text"] == "r0\nr1\nr2"
 
 
+def test_merged_versions_stay_aligned_inserted_tokens_take_the_next_calls_version():
+    # call 1 spans a weight update (tokens of versions 4 and 5); call 2 starts on 5, call 3 on 6.
+    calls = [
+        row("a", 0, [1, 2], [10, 11], version=3),
+        row("a", 1, [1, 2, 10, 11, 7, 7], [12, 13, 14], version=4, versions=[4, 5, 5]),
+        row("a", 2, [1, 2, 10, 11, 7, 7, 12, 13, 14, 8], [15], version=5),
+        row("a", 3, [1, 2, 10, 11, 7, 7, 12, 13, 14, 8, 15], [16], version=6),  # nothing inserted before it
+    ]
+    [r] = merge_prefix_turns(table(calls)).to_pylist()
+    assert r["response_ids"] == [10, 11, 7, 7, 12, 13, 14, 8, 15, 16]
+    assert r["loss_mask"] == [1, 1, 0, 0, 1, 1, 1, 0, 1, 1]
+    assert r["response_versions"] == [3, 3, 4, 4, 4, 5, 5, 5, 5, 6]
+    assert len(r["response_versions"]) == len(r["response_ids"]) == len(r["response_logprobs"])
+    assert r["policy_version"] == 3  # the oldest call
+
+
 def test_rewritten_history_is_not_merged():
     # call 1 summarised the history: its prompt does not start with call 0's prompt + response.
     calls = [row("a", 0, [1, 2, 3], [10, 11]), row("a", 1, [1, 9, 10, 11], [12])]
@@ -85,6 +102,7 @@ def test_rewritten_history_is_not_merged():
         assert merged["response_ids"] == original["response_ids"]
         assert np.allclose(merged["response_logprobs"], original["response_logprobs"])
         assert merged["loss_mask"] == [1] * len(original["response_ids"]) and merged["merged_calls"] == 1
+        assert merged["response_versions"] == original["response_versions"]
 
 
 def test_merge_stops_at_rollout_and_agent_boundaries_and_breaks_in_chains():

@@ -30,6 +30,7 @@ def transition(i: int, n: int) -> Transition:
         prompt_ids=list(range(1, 5 + i)),
         response_ids=list(range(100, 100 + n)),
         response_logprobs=[-0.5 * (k + 1) for k in range(n)],
+        response_versions=[3] * n,
         policy_version=3,
         finish_reason="stop",
         latency_s=0.01,
@@ -70,6 +71,7 @@ def test_one_row_per_call_in_call_order():
     assert table["reward_dims"].to_pylist()[0] == [("format", 1.0)]
     logprobs = table["response_logprobs"].to_pylist()[0]
     assert logprobs == pytest.approx([-0.5, -1.0, -1.5])
+    assert table["response_versions"].to_pylist() == [[3, 3, 3], [3, 3]]
 
 
 def test_rollouts_table_keeps_failures_without_calls():

@@ -1,0 +1,70 @@
+"""Where every rollout a training run started ended: trained, dropped with a reason, or failed with a kind.
+
+One JSON line per rollout in `RUN_DIR/ledger.jsonl`, written when its end is known; a rollout is entered once,
+whatever is reported after. `--resume` keeps the lines of the steps the checkpoint covers and forgets the rest
+(those steps run again), so the file always describes the run that the checkpoints continue.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+OUTCOMES = ("trained", "dropped", "failed")
+
+
+class Ledger:
+    def __init__(self, path: Path, keep_before_version: int | None = None):
+        self.path = path
+        self.entered: set[str] = set()
+        self.counts: Counter[str] = Counter()  # since the last `take_counts`
+        lines = path.read_text().splitlines() if keep_before_version is not None and path.exists() else []
+        kept = [line for line in lines if json.loads(line)["version"] < keep_before_version]
+        path.write_text("".join(f"{line}\n" for line in kept))
+        self.entered.update(json.loads(line)["rollout_id"] for line in kept)
+
+    def trained(self, records: Iterable[Any], version: int) -> None:
+        """The rollouts of groups version `version` trained on (those that failed are `failed`)."""
+        self._enter(records, "trained", None, version)
+
+    def dropped(self, records: Iterable[Any], reason: str, version: int, unstarted: bool = False) -> None:
+        """Rollouts not trained for `reason` (those that failed are `failed`); with `unstarted`, those the pool
+        abandoned because they had not run yet (the end of the run) are dropped too, not failed."""
+        self._enter(records, "dropped", reason, version, unstarted)
+
+    def _enter(
+        self, records: Iterable[Any], outcome: str, reason: str | None, version: int, unstarted: bool = False
+    ) -> None:
+        lines = []
+        for r in records:
+            if r.rollout_id in self.entered:
+                continue
+            self.entered.add(r.rollout_id)
+            kept = r.status == "succeeded" or (unstarted and r.status == "abandoned" and r.attempts == 0)
+            end = outcome if kept else "failed"
+            why = reason if end != "failed" else (r.kind or r.status)
+            self.counts[f"{end}/{why}" if why else end] += 1
+            entry = {
+                "rollout_id": r.rollout_id,
+                "group_id": r.group_id,
+                "task_id": r.task_id,
+                "outcome": end,
+                "reason": why,
+                "version": version,
+                "attempts": r.attempts,
+            }
+            lines.append(json.dumps(entry) + "\n")
+        with self.path.open("a") as f:
+            f.writelines(lines)
+
+    def take_counts(self) -> dict[str, int]:
+        """Rollouts entered since the last call, by `outcome` or `outcome/reason`."""
+        counts, self.counts = dict(self.counts), Counter()
+        return counts
+
+
+def read_ledger(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,254 @@
+"""Training batches streamed from the task pool under a staleness bound (`trainer.max_staleness: K`).
+
+The pool keeps GRPO groups in flight while the learner trains; each step takes the first complete groups it can
+use. Policy versions count optimizer steps: the learner trains version `v` at step `v + 1` and the replicas
+serve `v` from the sync after step `v` on. A group may enter the batch of version `v` only if every token of
+its trained calls came from version `v - K` or later (a call's `policy_version` is the version it started
+on, the oldest of its tokens). Admission keeps staleness low by construction, as AReaL's does: at most
+`(v + K + 1) * B` groups are ever started by the time the replicas serve `v` (B = `trainer.tasks_per_step`,
+plus `trainer.over_provision` of B, plus replacements), so a group rarely waits more than K versions.
+
+K = 0 is the synchronous loop, exactly: B groups start when the replicas serve `v`, the step waits for all of
+them, trains on those with a learning signal (zero-variance groups drop out, as they always did) and the next
+B start only on the new weights. With K >= 1 a step takes the first B usable groups: a group dropped (zero
+variance, stale, every rollout failed) is replaced by a new one, so the step never trains on less.
+
+Every rollout the stream started ends in exactly one entry of the ledger: `trained`, `dropped` with a reason,
+or `failed` with its kind (`lightning_ray.rollouts.ledger`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from lightning_ray.algorithms.advantages import ZERO_STD, group_statistics, rollout_rewards
+from lightning_ray.config import Config
+from lightning_ray.data.merge import select_trained_calls
+from lightning_ray.data.schema import GROUP_TABLES, concat_refs
+from lightning_ray.monitor.summary import summarize_batch
+from lightning_ray.rollouts.collect import Batch, accepted_rows
+from lightning_ray.rollouts.ledger import Ledger
+from lightning_ray.tasks.records import RolloutRecord
+
+WAIT_S = 1.0  # how long one wait on the pool lasts before the driver tops the stream up again
+
+
+@dataclass
+class Group:
+    """One complete GRPO group: the pool's records of its rollouts and the rows they produced."""
+
+    group_id: str
+    task_id: str
+    records: list[Any]
+    transitions: pa.Table
+    rollouts: pa.Table
+
+    def oldest_version(self, train_agents: list[str] | None) -> int | None:
+        """The oldest policy version behind any trained call (None when there is none)."""
+        trained = select_trained_calls(self.transitions, train_agents)
+        return pc.min(trained["policy_version"]).as_py() if trained.num_rows else None
+
+    def has_signal(self) -> bool:
+        """Whether its rollout values differ (a zero-variance group teaches a group-relative estimator nothing)."""
+        parts = rollout_rewards(self.transitions)
+        values = parts["value"][parts["has_value"]]
+        if len(values) < 2:
+            return False
+        stats = group_statistics(values, np.zeros(len(values), dtype=np.int64), 1)
+        return bool(stats["std"][0] > ZERO_STD)
+
+
+def complete_group(entry: dict[str, Any]) -> Group:
+    """A group from the pool's `wait_groups` entry: its tables concatenated once, rows of accepted attempts."""
+    records = entry["records"]
+    results = {
+        tuple(r.binary() for r in x.result.values()): x.result for x in records if isinstance(x.result, dict)
+    }
+    accepted = {r.rollout_id: r.attempts for r in records if r.status != "abandoned"}
+    tables = {
+        name: accepted_rows(concat_refs([res[name] for res in results.values()], schema), accepted)
+        for name, schema in GROUP_TABLES.items()
+    }
+    return Group(entry["group_id"], entry["task_id"], records, tables["transitions"], tables["rollouts"])
+
+
+class RolloutStream:
+    """The driver's side of the pipeline: tops the pool up, takes complete groups, keeps the ledger."""
+
+    def __init__(self, cfg: Config, pool: Any, workers: list[Any], ledger: Ledger, version: int):
+        self.cfg, self.pool, self.ledger = cfg, pool, ledger
+        self.batch_size, self.max_staleness = cfg.trainer.tasks_per_step, cfg.trainer.max_staleness
+        # Groups beyond the budget would go stale at K = 0 before any step could use them.
+        self.extra = math.ceil(cfg.trainer.over_provision * self.batch_size) if self.max_staleness else 0
+        self.first_version = version
+        self.batch_id = ray.get(pool.open_batch.remote(cfg.algorithm.group_size))
+        self.work = [w.work.remote(self.batch_id, pool) for w in workers]
+        self.started = 0  # groups started, replacements included
+        self.replaced = 0  # groups dropped that K >= 1 replaces
+        self.ready: deque[Group] = deque()  # complete groups not trained yet (taken from the pool)
+        self.requeue: list[
+            str
+        ] = []  # task ids of stale groups to run again (`trainer.stale_groups: requeue`)
+
+    # ------------------------------------------------------------------ admission
+
+    def budget(self, version: int) -> int:
+        """How many groups may have been started by the time the replicas serve `version`."""
+        steps = version - self.first_version + self.max_staleness + 1
+        return steps * self.batch_size + self.extra + self.replaced
+
+    def top_up(self, version: int) -> None:
+        """Start groups up to the budget of `version` (stale groups to re-run first, then new tasks)."""
+        n = self.budget(version) - self.started
+        if n <= 0:
+            return
+        again, self.requeue = self.requeue[:n], self.requeue[n:]
+        ray.get(self.pool.add_groups.remote(self.batch_id, n - len(again), again))
+        self.started += n
+
+    def resume(self, ready: list[Group], in_flight: list[str]) -> None:
+        """Continue a checkpointed stream: its complete untrained groups, and the tasks of the groups that were
+        running (they run again; their finished rollouts were not trained)."""
+        self.ready.extend(ready)
+        self.requeue.extend(in_flight)
+        self.started += len(ready)  # in the budget like any group; the re-run ones start first in `top_up`
+
+    # ------------------------------------------------------------------ batches
+
+    def next_batch(self, version: int, on_group: Callable[[int, str | None], None] | None = None) -> Batch:
+        """The groups version `version` trains on (see the module docstring); blocks until they are complete.
+
+        The batch's tables and records are the chosen groups'; its summary covers every group the step used
+        up, dropped ones included, so failure rates count every rollout that ended. `on_group(chosen, reason)`
+        is told about each group taken (reason None: chosen)."""
+        t0 = time.perf_counter()
+        chosen: list[Group] = []
+        ended: list[Any] = []
+        consumed = 0  # K = 0: every complete group counts towards the batch, used or not
+        while len(chosen) < self.batch_size and not (self.max_staleness == 0 and consumed >= self.batch_size):
+            if not self.ready:
+                self.top_up(version)
+                self.check_workers()
+                entries = ray.get(self.pool.wait_groups.remote(self.batch_id, self.batch_size, WAIT_S))
+                self.ready.extend(complete_group(e) for e in entries)
+                continue
+            group = self.ready.popleft()
+            consumed += 1
+            ended += group.records
+            reason = self.drop_reason(group, version)
+            if reason is None:
+                chosen.append(group)
+            else:
+                self.drop(group, reason, version)
+            if on_group is not None:
+                on_group(len(chosen), reason)
+        batch = self.as_batch(chosen, time.perf_counter() - t0)
+        batch.summary = summarize_batch(ended)
+        return batch
+
+    def check_workers(self) -> None:
+        """Fail with the cause, rather than wait forever, when no rollout worker is left to run the groups."""
+        stopped, _ = ray.wait(self.work, num_returns=len(self.work), timeout=0)
+        if len(stopped) == len(self.work):
+            causes = [_how_it_ended(ref) for ref in self.work]
+            raise RuntimeError(f"every rollout worker has stopped, so no group can complete: {causes}")
+
+    def drop_reason(self, group: Group, version: int) -> str | None:
+        oldest = group.oldest_version(self.cfg.rollout.train_agents)
+        if oldest is not None and oldest < version - self.max_staleness:
+            return "stale"
+        if not any(r.status == "succeeded" for r in group.records):
+            return "all_failed"
+        if self.cfg.algorithm.drop_zero_variance and not group.has_signal():
+            return "zero_variance"
+        return None
+
+    def drop(self, group: Group, reason: str, version: int) -> None:
+        self.ledger.dropped(group.records, reason, version)
+        if reason == "stale" and self.cfg.trainer.stale_groups == "requeue":
+            self.requeue.append(group.task_id)
+        if self.max_staleness > 0:
+            self.replaced += 1
+        ray.get(self.pool.forget_groups.remote(self.batch_id, [group.group_id]))
+
+    def as_batch(self, groups: list[Group], seconds: float) -> Batch:
+        """The chosen groups as one batch (the ledger marks them trained when the loop has trained them)."""
+        records = [r for g in groups for r in g.records]
+        transitions = pa.concat_tables([g.transitions for g in groups]) if groups else _empty("transitions")
+        rollouts = pa.concat_tables([g.rollouts for g in groups]) if groups else _empty("rollouts")
+        if groups:
+            ray.get(self.pool.forget_groups.remote(self.batch_id, [g.group_id for g in groups]))
+        return Batch(transitions, rollouts, records, summarize_batch(records), seconds)
+
+    # ------------------------------------------------------------------ checkpoints and the end
+
+    def save(self, out: Path) -> dict[str, Any]:
+        """What `--resume` needs to continue the stream: the complete untrained groups (their tables and
+        records, written under `out`) and the task ids of the groups still running (returned, they run again)."""
+        for entry in ray.get(self.pool.wait_groups.remote(self.batch_id, None, 0.0)):
+            self.ready.append(complete_group(entry))
+        out.mkdir(parents=True, exist_ok=True)
+        for i, group in enumerate(self.ready):
+            for name in GROUP_TABLES:
+                pq.write_table(getattr(group, name), out / f"group-{i:04d}-{name}.parquet")
+        records = [[_plain(r) for r in g.records] for g in self.ready]
+        (out / "groups.json").write_text(json.dumps(records))
+        return {"in_flight": ray.get(self.pool.open_groups.remote(self.batch_id)) + list(self.requeue)}
+
+    def close(self, version: int) -> None:
+        """Stop starting groups, cancel what has not started, let the workers finish what runs, and put every
+        rollout that will not be trained in the ledger."""
+        ray.get(self.pool.close_batch.remote(self.batch_id, "run ended"))
+        ray.wait(
+            self.work, num_returns=len(self.work)
+        )  # a worker that died has no result: the pool re-ran its rollouts
+        for entry in ray.get(self.pool.wait_groups.remote(self.batch_id, None, 0.0)):
+            self.ready.append(complete_group(entry))
+        for group in self.ready:
+            self.ledger.dropped(group.records, "run_ended", version)
+        left = ray.get(self.pool.batch_results.remote(self.batch_id))
+        self.ledger.dropped(left, "run_ended", version, unstarted=True)
+        ray.get(self.pool.forget_batch.remote(self.batch_id))
+
+
+def load_groups(saved: Path) -> list[Group]:
+    """The complete groups `RolloutStream.save` wrote (none when it wrote nothing there)."""
+    if not (saved / "groups.json").is_file():
+        return []
+    groups = []
+    for i, records in enumerate(json.loads((saved / "groups.json").read_text())):
+        tables = {name: pq.read_table(saved / f"group-{i:04d}-{name}.parquet") for name in GROUP_TABLES}
+        restored = [RolloutRecord(**{**r, "history": tuple(r["history"]), "result": None}) for r in records]
+        groups.append(Group(restored[0].group_id, restored[0].task_id, restored, **tables))
+    return groups
+
+
+def _how_it_ended(ref: ray.ObjectRef) -> str:
+    """How a worker's `work` call ended, in a few words."""
+    try:
+        return f"returned {ray.get(ref)}"
+    except ray.exceptions.RayError as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _plain(record: RolloutRecord) -> dict[str, Any]:
+    """A record as JSON (its table refs do not outlive the run; the tables are saved beside it)."""
+    return {k: v for k, v in dataclasses.asdict(record).items() if k != "result"}
+
+
+def _empty(name: str) -> pa.Table:
+    return GROUP_TABLES[name].empty_table()

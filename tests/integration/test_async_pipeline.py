@@ -1,0 +1,125 @@
+"""The asynchronous pipeline on the real stack with the tiny model: staleness bound, accounting, faults, resume.
+
+Every test trains a few GRPO steps with `trainer.max_staleness` K and then reads what the run left: the
+trajectories trained at each step (their per-token policy versions), the ledger of every rollout the stream
+started, and the pool's records.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+from test_train_loop import loop_config
+
+from lightning_ray.loop import train
+from lightning_ray.monitor.run_log import read_metrics
+from lightning_ray.monitor.staleness import token_versions
+from lightning_ray.rollouts.ledger import read_ledger
+
+
+def async_config(tiny_config, tmp_path, steps: int, staleness: int):
+    cfg = loop_config(tiny_config, tmp_path, steps)
+    cfg.rollout.agent = "tests.agents:waiting_agent"
+    cfg.trainer.max_staleness = staleness
+    cfg.trainer.val_every = 0
+    cfg.algorithm.old_logprobs = "decoupled" if staleness else "recompute"
+    return cfg
+
+
+def run_dir_of(tmp_path: Path) -> Path:
+    [run_dir] = list((tmp_path / "runs" / "loop").iterdir())
+    return run_dir
+
+
+def trained_versions(run_dir: Path, step: int) -> np.ndarray:
+    return token_versions(pq.read_table(run_dir / "trajectories" / f"step-{step:06d}.parquet"))
+
+
+def assert_every_rollout_ends_once(run_dir: Path, steps: int, tasks_per_step: int, staleness: int) -> None:
+    """Each rollout in the ledger once; every trained one in exactly one step's trajectories; each step used up
+    `tasks_per_step` groups (K = 0, zero-variance ones among them) or trained that many (K >= 1: replaced)."""
+    ledger = read_ledger(run_dir / "ledger.jsonl")
+    ids = [e["rollout_id"] for e in ledger]
+    assert len(ids) == len(set(ids)), "a rollout entered the ledger twice"
+    assert {e["outcome"] for e in ledger} <= {"trained", "dropped", "failed"}
+    trained = {e["rollout_id"] for e in ledger if e["outcome"] == "trained"}
+    in_steps = Counter()
+    for step in range(1, steps + 1):
+        table = pq.read_table(run_dir / "trajectories" / f"step-{step:06d}.parquet")
+        in_steps.update(set(table["rollout_id"].to_pylist()))
+    assert all(n == 1 for n in in_steps.values()), "a rollout was trained in two steps"
+    assert set(in_steps) == trained
+    trained_groups = {e["group_id"] for e in ledger if e["outcome"] == "trained"}
+    used_up = trained_groups | {e["group_id"] for e in ledger if e["reason"] == "zero_variance"}
+    assert len(trained_groups if staleness else used_up) == steps * tasks_per_step
+    assert all(e["reason"] for e in ledger if e["outcome"] != "trained"), "a drop or failure without a reason"
+
+
+def test_synchronous_k0_trains_only_current_policy_tokens(inference, tiny_config, tmp_path):
+    cfg = async_config(tiny_config, tmp_path, steps=3, staleness=0)
+    rows = {r["step"]: r for r in train(cfg)}
+    run_dir = run_dir_of(tmp_path)
+    for step in (1, 2, 3):
+        assert set(trained_versions(run_dir, step)) == {step - 1}
+        assert rows[step]["staleness/tokens_behind_0"] == 1.0
+    assert_every_rollout_ends_once(run_dir, 3, cfg.trainer.tasks_per_step, cfg.trainer.max_staleness)
+
+
+def test_k1_never_trains_a_token_older_than_one_version(inference, tiny_config, tmp_path):
+    cfg = async_config(tiny_config, tmp_path, steps=4, staleness=1)
+    cfg.trainer.over_provision = 0.5
+    rows = {r["step"]: r for r in train(cfg)}
+    run_dir = run_dir_of(tmp_path)
+    for step in range(1, 5):
+        versions = trained_versions(run_dir, step)
+        assert versions.min() >= step - 2 and versions.max() <= step - 1
+        assert rows[step]["staleness/max"] <= 1
+    # Generation overlapped training: some step trained tokens of the version before its own.
+    assert any(rows[s].get("staleness/tokens_behind_1", 0) > 0 for s in range(2, 5))
+    assert_every_rollout_ends_once(run_dir, 4, cfg.trainer.tasks_per_step, cfg.trainer.max_staleness)
+    assert rows[4]["time/inference_busy_frac"] > 0 and rows[4]["time/agents_busy_frac"] > 0
+
+
+def test_k1_run_goes_on_when_a_rollout_worker_dies(inference, tiny_config, tmp_path):
+    cfg = async_config(tiny_config, tmp_path, steps=3, staleness=1)
+    cfg.rollout.num_workers = 2
+
+    def kill_a_worker_mid_stream() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            metrics = tmp_path / "runs" / "loop"
+            runs = list(metrics.iterdir()) if metrics.exists() else []
+            if runs and (runs[0] / "trajectories" / "step-000001.parquet").exists():
+                ray.kill(ray.get_actor("rollout-worker-0"))
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_a_worker_mid_stream, daemon=True)
+    killer.start()
+    rows = train(cfg)
+    killer.join()
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    run_dir = run_dir_of(tmp_path)
+    assert_every_rollout_ends_once(run_dir, 3, cfg.trainer.tasks_per_step, cfg.trainer.max_staleness)
+
+
+def test_k1_resume_mid_stream_loses_and_repeats_nothing(inference, tiny_config, tmp_path):
+    cfg = async_config(tiny_config, tmp_path, steps=2, staleness=1)
+    cfg.trainer.over_provision = 1.0  # complete, untrained groups wait in the stream at the checkpoint
+    train(cfg)
+    run_dir = run_dir_of(tmp_path)
+    saved = run_dir / "checkpoints" / "step-000002" / "stream"
+    assert saved.is_dir()
+    cfg.trainer.steps = 4
+    train(cfg, resume=str(run_dir))
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert trained_versions(run_dir, step).min() >= step - 2
+    assert_every_rollout_ends_once(run_dir, 4, cfg.trainer.tasks_per_step, cfg.trainer.max_staleness)
