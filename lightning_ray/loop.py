@@ -64,7 +64,10 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
             batch = next_batch(stream, version, step)
             record_batch_metrics(batch.summary, run=cfg.trainer.name)
             check_failure_rate(batch.summary, cfg.rollout.max_failure_rate)
-            write_parquet(batch.transitions, run_dir, f"step-{step:06d}")
+            used_up = [t for t in (batch.transitions, batch.dropped) if t is not None]
+            write_parquet(
+                pa.concat_tables(used_up), run_dir, f"step-{step:06d}"
+            )  # the ledger says which trained
             trained_calls = select_trained_calls(batch.transitions, cfg.rollout.train_agents)
             metrics = {**rollout_metrics(batch), **staleness_metrics(trained_calls, version)}
 
@@ -98,7 +101,9 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
             metrics.update(busy_metrics(clock, metrics))
             log.log(step, metrics)
             print(step_line(step, cfg.trainer.steps, metrics), flush=True)
-        stream.close(version)
+        stream.close(
+            version + 1
+        )  # after the last checkpoint: a resumed run trains what it drops as run_ended
     finally:
         log.close()
         learners.shutdown()

@@ -22,6 +22,9 @@ class Batch:
     records: list[Any]  # the pool's final record of every rollout of the batch (abandoned ones too)
     summary: BatchSummary
     seconds: float
+    dropped: pa.Table | None = (
+        None  # a streamed batch: the calls of the groups the step used up and did not train
+    )
 
 
 def collect_batch(

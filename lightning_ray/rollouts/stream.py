@@ -133,10 +133,12 @@ class RolloutStream:
         """The groups version `version` trains on (see the module docstring); blocks until they are complete.
 
         The batch's tables and records are the chosen groups'; its summary covers every group the step used
-        up, dropped ones included, so failure rates count every rollout that ended. `on_group(chosen, reason)`
+        up, dropped ones included, so failure rates count every rollout that ended; `dropped` holds the calls
+        of the groups it did not choose (the run directory keeps them too). `on_group(chosen, reason)`
         is told about each group taken (reason None: chosen)."""
         t0 = time.perf_counter()
         chosen: list[Group] = []
+        dropped: list[Group] = []
         ended: list[Any] = []
         consumed = 0  # K = 0: every complete group counts towards the batch, used or not
         while len(chosen) < self.batch_size and not (self.max_staleness == 0 and consumed >= self.batch_size):
@@ -154,10 +156,12 @@ class RolloutStream:
                 chosen.append(group)
             else:
                 self.drop(group, reason, version)
+                dropped.append(group)
             if on_group is not None:
                 on_group(len(chosen), reason)
         batch = self.as_batch(chosen, time.perf_counter() - t0)
         batch.summary = summarize_batch(ended)
+        batch.dropped = pa.concat_tables([g.transitions for g in dropped]) if dropped else None
         return batch
 
     def check_workers(self) -> None:

@@ -13,6 +13,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from test_train_loop import loop_config
@@ -38,11 +40,15 @@ def run_dir_of(tmp_path: Path) -> Path:
 
 
 def trained_versions(run_dir: Path, step: int) -> np.ndarray:
-    return token_versions(pq.read_table(run_dir / "trajectories" / f"step-{step:06d}.parquet"))
+    """The versions of the tokens step `step` trained (its Parquet also holds the groups it dropped)."""
+    trained = {e["rollout_id"] for e in read_ledger(run_dir / "ledger.jsonl") if e["outcome"] == "trained"}
+    table = pq.read_table(run_dir / "trajectories" / f"step-{step:06d}.parquet")
+    return token_versions(table.filter(pc.is_in(table["rollout_id"], pa.array(sorted(trained), pa.string()))))
 
 
 def assert_every_rollout_ends_once(run_dir: Path, steps: int, tasks_per_step: int, staleness: int) -> None:
-    """Each rollout in the ledger once; every trained one in exactly one step's trajectories; each step used up
+    """Each rollout in the ledger once; every trained one in exactly one step's trajectories (which hold the
+    groups each step used up, trained or not); each step used up
     `tasks_per_step` groups (K = 0, zero-variance ones among them) or trained that many (K >= 1: replaced)."""
     ledger = read_ledger(run_dir / "ledger.jsonl")
     ids = [e["rollout_id"] for e in ledger]
@@ -53,8 +59,8 @@ def assert_every_rollout_ends_once(run_dir: Path, steps: int, tasks_per_step: in
     for step in range(1, steps + 1):
         table = pq.read_table(run_dir / "trajectories" / f"step-{step:06d}.parquet")
         in_steps.update(set(table["rollout_id"].to_pylist()))
-    assert all(n == 1 for n in in_steps.values()), "a rollout was trained in two steps"
-    assert set(in_steps) == trained
+    assert all(n == 1 for n in in_steps.values()), "a rollout was used up by two steps"
+    assert trained <= set(in_steps)
     trained_groups = {e["group_id"] for e in ledger if e["outcome"] == "trained"}
     used_up = trained_groups | {e["group_id"] for e in ledger if e["reason"] == "zero_variance"}
     assert len(trained_groups if staleness else used_up) == steps * tasks_per_step
@@ -66,7 +72,7 @@ def test_synchronous_k0_trains_only_current_policy_tokens(inference, tiny_config
     rows = {r["step"]: r for r in train(cfg)}
     run_dir = run_dir_of(tmp_path)
     for step in (1, 2, 3):
-        assert set(trained_versions(run_dir, step)) == {step - 1}
+        assert set(trained_versions(run_dir, step)) <= {step - 1}
         assert rows[step]["staleness/tokens_behind_0"] == 1.0
     assert_every_rollout_ends_once(run_dir, 3, cfg.trainer.tasks_per_step, cfg.trainer.max_staleness)
 
