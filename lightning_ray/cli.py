@@ -10,8 +10,9 @@ import asyncio
 import os
 import sys
 
-from lightning_ray.config import Config, ConfigError, check_resources, load_config
+from lightning_ray.config import Config, ConfigError, load_config
 from lightning_ray.environment import BrokenEnvironment, check_environment
+from lightning_ray.resources import check_resources
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

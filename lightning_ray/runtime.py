@@ -9,7 +9,8 @@ from pathlib import Path
 import ray
 import yaml
 
-from lightning_ray.config import Config, check_resources
+from lightning_ray.config import Config
+from lightning_ray.resources import check_resources
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ of shared-memory handles) with a plain integer.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -43,7 +44,7 @@ DRIVER_TIMEOUTS = 3
 log = logging.getLogger(__name__)
 
 
-class Sender:
+class Sender(abc.ABC):
     """Learner rank 0's side of a path. `device` and `copy` say how the learners gather the weights for it:
     `copy=False` lets tensors already on `device` share the live parameters' storage (ZeRO 0-2), for a
     sender that is done with them before the learner can step again."""
@@ -65,19 +66,20 @@ class Sender:
         """Before the transfer (e.g. host a process group's rendezvous); returns what the replicas need."""
         return None
 
+    @abc.abstractmethod
     def send(self, state: dict[str, torch.Tensor], request: dict[str, Any]) -> Any:
         """Move `state` (or make it reachable); returns the replicas' payload or transfer stats."""
-        raise NotImplementedError
 
     def release(self) -> None:
         """After every replica loaded the update, or failed to: drop what `send` kept alive."""
+        return None  # most paths keep nothing alive after `send`
 
     def close(self) -> None:
         """Leave whatever the path holds open between updates."""
         self.release()
 
 
-class Receiver:
+class Receiver(abc.ABC):
     """A vLLM worker's side of a path; `worker` is the vLLM worker object (rank, device, model runner)."""
 
     def __init__(self, worker: Any) -> None:
@@ -87,16 +89,17 @@ class Receiver:
         """Path state the driver checks before an update (e.g. the process group this worker is in)."""
         return {}
 
-    def prepare(self, request: dict[str, Any], index: int) -> Any:
-        """Before the transfer, as worker `index` across all replicas (e.g. join a process group)."""
+    def prepare(self, request: dict[str, Any], replica: str) -> Any:
+        """Before the transfer, as a worker of `replica` (e.g. join a process group)."""
         return None
 
-    def receive(self, payload: Any, index: int) -> Tensors:
+    @abc.abstractmethod
+    def receive(self, payload: Any, replica: str) -> Tensors:
         """The update's HF-named tensors, in order; the caller exhausts the iterator."""
-        raise NotImplementedError
 
     def close(self) -> None:
         """Leave whatever the path holds open between updates."""
+        return None  # most paths hold nothing open
 
 
 @contextlib.asynccontextmanager

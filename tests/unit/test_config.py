@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lightning_ray.config import ConfigError, check_resources, load_config
+from lightning_ray.config import ConfigError, load_config
+from lightning_ray.resources import check_resources
 
 REPO = Path(__file__).resolve().parents[2]
 
