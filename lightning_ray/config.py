@@ -174,7 +174,10 @@ class LearnerConfig(Section):
     num_gpus_per_worker: float = Field(0.0, ge=0)
     zero_stage: int = Field(0, ge=0, le=3)
     precision: Literal["float32", "bfloat16"] = "float32"
-    micro_batch_size: int = Field(4, gt=0)
+    packing: bool = Field(True, description="Tokens shared by rows once, no padding (learner.packing).")
+    max_tokens_per_micro_batch: int = Field(2048, gt=0, description="With packing; a longer row goes alone.")
+    attention: Literal["auto", "sdpa", "flex_attention", "eager"] = "auto"  # see learner.engine
+    micro_batch_size: int = Field(4, gt=0, description="Without packing: rows per micro-batch.")
     gradient_accumulation_steps: int | None = Field(
         None, gt=0, description="Unset: the whole batch per step."
     )

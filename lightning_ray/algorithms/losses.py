@@ -61,10 +61,19 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] per position, in float32, without materialising the full log-softmax."""
+def token_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, slot: torch.Tensor | None = None
+) -> torch.Tensor:
+    """log softmax(logits)[target] per position, in float32, without materialising the full log-softmax.
+
+    With `slot` (same shape as `targets`), `logits` is `[K, V]` and target t is scored by row `slot[t]`: the
+    packed learner's layout, where one position may predict the next token of several rows.
+    """
     logits = logits.float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    if slot is None:
+        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    return logits[slot, targets] - lse[slot]
 
 
 def loss_denominator(mask: torch.Tensor, length_norm: str, constant: float | None = None) -> torch.Tensor:

@@ -38,33 +38,19 @@ def check_per_token(lengths: np.ndarray, response_len: np.ndarray, what: str) ->
         raise ValueError(f"row {bad}: {lengths[bad]} {what} for {response_len[bad]} response tokens")
 
 
-def table_to_batch(table: pa.Table, pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Padded tensors for one micro-batch.
+def response_tensors(table: pa.Table, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """The per-response-token tensors of a micro-batch, packed or padded alike.
 
-    Keys: `input_ids`, `attention_mask`, `position_ids` [B, T] (int64); `targets` [B, R] (response ids),
-    `response_mask` [B, R] (float32, 1 on response tokens the loss counts: all of them, or only those
-    where a merged row's `loss_mask` is 1, see `lightning_ray.data.merge`), `rollout_logprobs` [B, R]
-    (float32, the engine's log-probs), `advantages` [B] (float32, zeros when the table has no advantage column),
-    `response_lengths` [B] (int64). `T >= R + 1` always holds.
+    Keys: `targets` [B, R] (response ids, right-aligned), `response_mask` [B, R] (float32, 1 on response
+    tokens the loss counts: all of them, or only those where a merged row's `loss_mask` is 1, see
+    `lightning_ray.data.merge`), `rollout_logprobs` [B, R] (float32, the engine's log-probs), `advantages` [B]
+    (float32, zeros when the table has no advantage column), `response_lengths` [B] (int64).
     """
-    prompt, prompt_len = list_column(table, "prompt_ids")
     response, response_len = list_column(table, "response_ids")
     logprobs, logprobs_len = list_column(table, "response_logprobs")
-    if (prompt_len == 0).any():
-        raise ValueError("a row has an empty prompt: its first response token has no position to predict it")
     check_per_token(logprobs_len, response_len, "response log-probs")
     b = table.num_rows
     r = int(response_len.max()) if b else 0
-    t = max(int((prompt_len + response_len).max()) if b else 0, r + 1)
-
-    input_ids = np.full((b, t), pad_id, dtype=np.int64)
-    attention = np.zeros((b, t), dtype=np.int64)
-    scatter_rows(prompt, prompt_len, t - response_len, input_ids)
-    scatter_rows(response, response_len, np.full(b, t), input_ids)
-    seq_len = prompt_len + response_len
-    attention[np.arange(t)[None, :] >= (t - seq_len)[:, None]] = 1
-    position_ids = np.clip(np.cumsum(attention, axis=1) - 1, 0, None)
-
     targets = np.full((b, r), pad_id, dtype=np.int64)
     scatter_rows(response, response_len, np.full(b, r), targets)
     response_mask = (np.arange(r)[None, :] >= (r - response_len)[:, None]).astype(np.float32)
@@ -74,15 +60,11 @@ def table_to_batch(table: pa.Table, pad_id: int = 0) -> dict[str, torch.Tensor]:
         scatter_rows(loss_mask.astype(np.float32), response_len, np.full(b, r), response_mask)
     rollout_logprobs = np.zeros((b, r), dtype=np.float32)
     scatter_rows(logprobs.astype(np.float32), response_len, np.full(b, r), rollout_logprobs)
-
     if ADVANTAGE_COLUMN in table.column_names:
         advantages = pc.cast(table.column(ADVANTAGE_COLUMN), pa.float32()).to_numpy().astype(np.float32)
     else:
         advantages = np.zeros(b, dtype=np.float32)
     return {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attention),
-        "position_ids": torch.from_numpy(position_ids),
         "targets": torch.from_numpy(targets),
         "response_mask": torch.from_numpy(response_mask),
         "rollout_logprobs": torch.from_numpy(rollout_logprobs),
@@ -91,22 +73,52 @@ def table_to_batch(table: pa.Table, pad_id: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def padding_batch(pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """A one-row micro-batch with an empty loss mask.
+def table_to_batch(table: pa.Table, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Padded tensors for one micro-batch: `response_tensors` plus left-padded `input_ids`, `attention_mask`
+    and `position_ids` [B, T] (int64). `T >= R + 1` always holds."""
+    prompt, prompt_len = list_column(table, "prompt_ids")
+    response, response_len = list_column(table, "response_ids")
+    if (prompt_len == 0).any():
+        raise ValueError("a row has an empty prompt: its first response token has no position to predict it")
+    out = response_tensors(table, pad_id)
+    b = table.num_rows
+    r = out["targets"].shape[1]
+    t = max(int((prompt_len + response_len).max()) if b else 0, r + 1)
+    input_ids = np.full((b, t), pad_id, dtype=np.int64)
+    attention = np.zeros((b, t), dtype=np.int64)
+    scatter_rows(prompt, prompt_len, t - response_len, input_ids)
+    scatter_rows(response, response_len, np.full(b, t), input_ids)
+    attention[np.arange(t)[None, :] >= (t - prompt_len - response_len)[:, None]] = 1
+    position_ids = np.clip(np.cumsum(attention, axis=1) - 1, 0, None)
+    out.update(
+        input_ids=torch.from_numpy(input_ids),
+        attention_mask=torch.from_numpy(attention),
+        position_ids=torch.from_numpy(position_ids),
+    )
+    return out
+
+
+def padding_batch(pad_id: int = 0, packed: bool = False) -> dict[str, torch.Tensor]:
+    """A one-row micro-batch with an empty loss mask (in the packed layout of `learner.packing` when `packed`).
 
     A rank with fewer micro-batches than its peers runs these so that every rank makes the same collective
     calls (ZeRO gathers and reduces on each forward/backward); they add nothing to the loss or gradients.
     """
-    return {
+    batch = {
         "input_ids": torch.full((1, 2), pad_id, dtype=torch.int64),
-        "attention_mask": torch.ones((1, 2), dtype=torch.int64),
         "position_ids": torch.tensor([[0, 1]], dtype=torch.int64),
         "targets": torch.full((1, 1), pad_id, dtype=torch.int64),
         "response_mask": torch.zeros((1, 1), dtype=torch.float32),
         "rollout_logprobs": torch.zeros((1, 1), dtype=torch.float32),
         "advantages": torch.zeros(1, dtype=torch.float32),
         "response_lengths": torch.zeros(1, dtype=torch.int64),
+        "row_index": torch.full((1,), -1, dtype=torch.int64),  # no row of the shard
     }
+    if packed:
+        batch.update(subtree_end=torch.tensor([2, 2]), logit_index=torch.zeros((1, 1), dtype=torch.int64))
+    else:
+        batch["attention_mask"] = torch.ones((1, 2), dtype=torch.int64)
+    return batch
 
 
 def split_micro_batches(table: pa.Table, micro_batch_size: int) -> list[pa.Table]:

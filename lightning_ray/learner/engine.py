@@ -95,12 +95,23 @@ def join_process_group(
     return backend
 
 
+def attention_implementation(cfg: LearnerConfig) -> str:
+    """`learner.attention`, with auto resolved: FlexAttention takes the packed trie mask as a sparse
+    BlockMask on a GPU; on a CPU, SDPA with the dense mask is the fast path (no compile step)."""
+    if cfg.attention != "auto":
+        return cfg.attention
+    gpu = cfg.num_gpus_per_worker > 0 and torch.cuda.is_available()
+    return "flex_attention" if cfg.packing and gpu else "sdpa"
+
+
 def load_model(model_path: str, cfg: LearnerConfig) -> tuple[torch.nn.Module, int]:
     """The trainable policy in fp32 (DeepSpeed casts it for bf16), wrapped by peft when `learner.lora` is set,
     and its pad token id."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.float32, attn_implementation=attention_implementation(cfg)
+    )
     model.config.use_cache = False
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     if cfg.lora is not None:
@@ -125,7 +136,9 @@ def load_reference_model(model_path: str, cfg: LearnerConfig, device: torch.devi
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if cfg.precision == "bfloat16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=dtype, attn_implementation=attention_implementation(cfg)
+    ).to(device)
     return model.eval().requires_grad_(False)
 
 

@@ -26,7 +26,13 @@ import torch
 
 from lightning_ray.algorithms.losses import loss_denominator, policy_loss
 from lightning_ray.config import AlgorithmConfig, LearnerConfig
-from lightning_ray.learner.forward import all_reduce, forward_logprobs, micro_batches, to_device
+from lightning_ray.learner.forward import (
+    all_reduce,
+    computed_tokens,
+    forward_logprobs,
+    micro_batches,
+    to_device,
+)
 
 Batch = dict[str, torch.Tensor]
 
@@ -53,15 +59,23 @@ def train_step(
     t0 = time.perf_counter()
     device = engine.device
     engine.train()
-    micro = [to_device(b, device) for b in micro_batches(shard, pad_id, cfg.micro_batch_size, device)]
+    micro = [to_device(b, device) for b in micro_batches(shard, pad_id, cfg, device)]
     if not micro:  # no rows on any rank: nothing to learn from (the count is global, so all ranks agree)
-        return {"loss": 0.0, "tokens": 0.0, "sequences": 0.0, "micro_batches": 0, "optimizer_steps": 0}
+        return {
+            "loss": 0.0,
+            "tokens": 0.0,
+            "tokens_computed": 0.0,
+            "sequences": 0.0,
+            "micro_batches": 0,
+            "optimizer_steps": 0,
+        }
     t_batch = time.perf_counter() - t0
 
     gas = cfg.gradient_accumulation_steps or len(micro)
     recomputed = algo.old_logprobs != "rollout"  # recompute and decoupled: the learner's own old log-probs
     decoupled = algo.old_logprobs == "decoupled"
-    _old_and_ref_logprobs(engine, micro, algo, reference, separate_pass=recomputed and gas < len(micro))
+    separate_pass = recomputed and gas < len(micro)
+    _old_and_ref_logprobs(engine, micro, algo, reference, separate_pass=separate_pass)
     t_old = time.perf_counter() - t0 - t_batch
 
     constant = _length_constant(micro, algo, max_response_tokens, device)
@@ -93,6 +107,7 @@ def train_step(
         lr=float(engine.get_lr()[0]),
         micro_batches=len(micro),
         optimizer_steps=len(totals.grad_norms),
+        old_logprob_pass=float(separate_pass),  # 0: the training forward's own log-probs are the old ones
         time_batch_s=t_batch,
         time_old_logprobs_s=t_old,
         time_s=time.perf_counter() - t0,
@@ -153,7 +168,8 @@ class _Totals:
 
     sums: dict[str, float] = field(default_factory=dict)
     maxima: dict[str, float] = field(default_factory=dict)  # `*_min` metrics negated
-    tokens: float = 0.0
+    tokens: float = 0.0  # response tokens that carry loss
+    computed: float = 0.0  # token positions the forward passes computed (shared once, padding included)
     sequences: float = 0.0
     loss: float = 0.0
     mismatch: float = 0.0  # sum of |learner - inference engine| old log-probs over the response tokens
@@ -181,6 +197,7 @@ class _Totals:
             else:
                 self.sums[k] = self.sums.get(k, 0.0) + float(v) * n
         self.tokens += n
+        self.computed += float(computed_tokens(b))
         self.sequences += float((b["response_lengths"] > 0).sum())
         self.loss += loss.item()
 
@@ -189,9 +206,18 @@ class _Totals:
         keys = sorted(self.sums)
         local = [self.sums[k] for k in keys]
         reduced = all_reduce(
-            [*local, self.tokens, self.sequences, self.loss, self.mismatch, self.mismatch_tokens], device
+            [
+                *local,
+                self.tokens,
+                self.computed,
+                self.sequences,
+                self.loss,
+                self.mismatch,
+                self.mismatch_tokens,
+            ],
+            device,
         )
-        tokens, sequences, loss, mismatch, mismatch_tokens = reduced[len(keys) :]
+        tokens, computed, sequences, loss, mismatch, mismatch_tokens = reduced[len(keys) :]
         out = {k: v / max(tokens, 1.0) for k, v in zip(keys, reduced[: len(keys)], strict=True)}
         extremes = sorted(self.maxima)  # the same keys on every rank: they depend on the config only
         if extremes:
@@ -202,6 +228,7 @@ class _Totals:
             loss=loss / len(self.grad_norms),
             grad_norm=float(np.mean(self.grad_norms)),
             tokens=tokens,
+            tokens_computed=computed,
             sequences=sequences,
         )
         if mismatch_tokens > 0:

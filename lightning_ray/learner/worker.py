@@ -93,8 +93,8 @@ class LearnerWorker(WeightSenders):
     def compute_logprobs(self, shard: pa.Table) -> list[np.ndarray]:
         """Log-probs of each row's response tokens under the current weights (float32). Collective."""
         shard = _resolve(shard)
-        micro = micro_batches(shard, self.pad_id, self.cfg.micro_batch_size, self.engine.device)
-        return response_logprobs(self.engine, micro)[: shard.num_rows]
+        micro = micro_batches(shard, self.pad_id, self.cfg, self.engine.device)
+        return response_logprobs(self.engine, micro, shard.num_rows)
 
     # ---------------------------------------------------------------- weights and checkpoints
 
