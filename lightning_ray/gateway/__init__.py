@@ -7,9 +7,10 @@ model's name, else "default".
 
 Modules: `server` (start/stop as a sidecar or in a thread), `standalone` (`lightning-ray serve`), `app`
 (routes, streaming), `guards` (bearer token, size limit), `calls` (request -> transition), `render` (chat
-template, splice, incremental decode), `tools` (tool schemas in the template, vLLM tool-call parsers, exact
-round trip of generated tool calls; `templates/smollm2_tools.jinja`), `recorder` (per-rollout traces), `engine` (Ray Serve handle),
-`protocol` (request models, errors), `responses` (OpenAI bodies and chunks).
+template, splice, incremental decode), `prompt_cache` (a prompt rendered and tokenized once, not per call),
+`tools` (tool schemas in the template, vLLM tool-call parsers, exact round trip of generated tool calls;
+`templates/smollm2_tools.jinja`), `recorder` (per-rollout traces), `engine` (Ray Serve handle), `protocol`
+(request models, errors), `responses` (OpenAI bodies and chunks).
 """
 
 from lightning_ray.gateway.calls import DEFAULT_ROLE

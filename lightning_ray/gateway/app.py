@@ -108,8 +108,10 @@ def create_app(
         return _model_card(state)
 
     for prefix in ROUTE_PREFIXES:
-        app.add_api_route(f"{prefix}/v1/chat/completions", chat, methods=["POST"])
-        app.add_api_route(f"{prefix}/v1/completions", completions, methods=["POST"])
+        # Plain Starlette routes: every agent call takes these, and they need none of FastAPI's dependency
+        # solving or response-model handling (they read the body and answer with a Response themselves).
+        app.router.add_route(f"{prefix}/v1/chat/completions", chat, methods=["POST"])
+        app.router.add_route(f"{prefix}/v1/completions", completions, methods=["POST"])
         app.add_api_route(f"{prefix}/v1/models", models, methods=["GET"])
         app.add_api_route(f"{prefix}/v1/models/{{model:path}}", model, methods=["GET"])
 

@@ -17,6 +17,7 @@ from lightning_ray.agent.urls import ROLE, ROLE_RULE
 from lightning_ray.config import SamplingConfig
 from lightning_ray.data.schema import Transition
 from lightning_ray.gateway.engine import Engine
+from lightning_ray.gateway.prompt_cache import RenderCache, TokenCache
 from lightning_ray.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -24,7 +25,7 @@ from lightning_ray.gateway.protocol import (
     SamplingRequest,
 )
 from lightning_ray.gateway.recorder import Recorder, UnknownRollout
-from lightning_ray.gateway.render import PriorCall, Prompt, decode, render_chat, splice_prompt
+from lightning_ray.gateway.render import PriorCall, Prompt, decode, splice_prompt
 from lightning_ray.gateway.tools import (
     DEFAULT_TOOL_PARSER,
     Reply,
@@ -52,6 +53,12 @@ class GatewayState:
     tool_parser: str = DEFAULT_TOOL_PARSER
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
+    render_cache: RenderCache = field(init=False, repr=False)
+    token_cache: TokenCache = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.render_cache = RenderCache(self.tokenizer)
+        self.token_cache = TokenCache(self.tokenizer)
 
 
 @dataclass
@@ -118,8 +125,7 @@ def prepare_chat(
     tools = tool_call_parser(state.tool_parser, state.tokenizer, req)
     messages = restore_generated([m.to_template() for m in req.messages], _tool_texts(state, rollout_id))
     try:
-        text = render_chat(
-            state.tokenizer,
+        text = state.render_cache.render(
             messages,
             chat_template=template_for(state.tokenizer, state.chat_template, req),
             tools=req.tools,
@@ -129,7 +135,7 @@ def prepare_chat(
         raise GatewayError(
             400, f"the chat template failed on these messages: {err}", param="messages"
         ) from err
-    prompt = splice_prompt(state.tokenizer, text, history)
+    prompt = splice_prompt(state.tokenizer, text, history, cache=state.token_cache)
     call = _call(state, rollout_id, route_role, req, "chat", prompt, bool(req.logprobs))
     if tools is not None:
         call.tools = tools
@@ -161,7 +167,9 @@ def prepare_completion(
     history = _history(state, rollout_id)
     raw = req.single_prompt()
     if isinstance(raw, str):
-        prompt = splice_prompt(state.tokenizer, raw, history, add_special_tokens=True)
+        prompt = splice_prompt(
+            state.tokenizer, raw, history, add_special_tokens=True, cache=state.token_cache
+        )
     else:
         vocab = len(state.tokenizer)
         bad = next((t for t in raw if not 0 <= t < vocab), None)

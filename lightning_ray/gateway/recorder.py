@@ -27,7 +27,8 @@ class UnknownRollout(KeyError):
 class _Trace:
     next_index: int = 0
     transitions: list[Transition] = field(default_factory=list)
-    history: list[PriorCall] = field(default_factory=list)
+    # full text -> the first call that ended in it; later calls that end in the same text add nothing to splice on
+    history: dict[str, PriorCall] = field(default_factory=dict)
     tool_texts: dict[str, str] = field(default_factory=dict)  # tool call id -> the text that generated it
 
 
@@ -63,7 +64,7 @@ class Recorder:
     def history(self, rollout_id: str) -> list[PriorCall]:
         """The finished calls of the rollout that a new prompt may splice onto."""
         with self._lock:
-            return list(self._get(rollout_id).history)
+            return list(self._get(rollout_id).history.values())
 
     def reserve(self, rollout_id: str) -> int:
         """The next call index of the rollout (arrival order)."""
@@ -80,7 +81,7 @@ class Recorder:
                 return False
             trace.transitions.append(transition)
             if prior is not None:
-                trace.history.append(prior)
+                trace.history.setdefault(prior.full_text, prior)
             return True
 
     def remember_tool_calls(self, rollout_id: str, call_ids: list[str], text: str) -> None:

@@ -14,12 +14,17 @@ Three rules keep the recorded ids exact:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+if TYPE_CHECKING:
+    from lightning_ray.gateway.prompt_cache import TokenCache
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -40,8 +45,22 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str, add_special_tokens: bo
 
 def decode(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
     """Decode without any space clean-up, so that decoding is a pure function of the ids."""
+    if _plain_fast_decode(type(tokenizer)):
+        # What `tokenizer.decode` ends in for these classes, without its per-id type conversion of the list
+        # (a large share of decoding a short answer, and the gateway decodes every answer and stream step).
+        return tokenizer.backend_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
     return tokenizer.decode(
         list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+    )
+
+
+@functools.cache
+def _plain_fast_decode(cls: type) -> bool:
+    """Whether `cls` decodes exactly as `TokenizersBackend` does (no class of its own changes decoding)."""
+    return (
+        issubclass(cls, TokenizersBackend)
+        and cls.decode is PreTrainedTokenizerBase.decode
+        and cls._decode is TokenizersBackend._decode
     )
 
 
@@ -79,10 +98,10 @@ class PriorCall:
     prompt_ids: tuple[int, ...]
     response_ids: tuple[int, ...]
     raw_response_text: str  # decode(response_ids) with special tokens kept
+    full_text: str = field(init=False, repr=False)  # prompt + raw answer, joined once for all later calls
 
-    @property
-    def full_text(self) -> str:
-        return self.prompt_text + self.raw_response_text
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "full_text", self.prompt_text + self.raw_response_text)
 
 
 @dataclass(frozen=True)
@@ -99,12 +118,13 @@ def splice_prompt(
     text: str,
     history: Iterable[PriorCall],
     add_special_tokens: bool = False,
+    cache: TokenCache | None = None,
 ) -> Prompt:
     """Ids for `text`, reusing the ids of the longest earlier call whose prompt + raw answer prefixes it.
 
     The splice is kept only if the spliced ids decode back to `text` (with special tokens); a tokenizer that
     adds a prefix space to a segment tokenized on its own would break that, and then the text is tokenized
-    whole, as a fresh prompt.
+    whole, as a fresh prompt (through `cache` when given: the same ids, remembered).
     """
     best: PriorCall | None = None
     for prior in history:
@@ -116,6 +136,8 @@ def splice_prompt(
         ids = [*best.prompt_ids, *best.response_ids, *encode(tokenizer, suffix)]
         if decode(tokenizer, ids, skip_special_tokens=False) == text:
             return Prompt(text=text, ids=ids, spliced_from=best.call_index)
+    if cache is not None:
+        return Prompt(text=text, ids=cache.encode(text, add_special_tokens=add_special_tokens))
     return Prompt(text=text, ids=encode(tokenizer, text, add_special_tokens=add_special_tokens))
 
 

@@ -21,6 +21,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from lightning_ray.config import InferenceConfig, ModelConfig, SamplingConfig
+from lightning_ray.inference.cpu_env import apply_cpu_preload, preload_report
 from lightning_ray.monitor.busy import BusyTime
 from lightning_ray.weights.receiver import WeightReceiverExtension
 
@@ -46,7 +47,7 @@ def engine_env(inference: InferenceConfig) -> dict[str, str]:
     return {
         **quiet,
         "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(inference.kv_cache_gib))),
-        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "VLLM_CPU_OMP_THREADS_BIND": inference.cpu_threads_bind,
         "OMP_NUM_THREADS": str(inference.engine_threads),
     }
 
@@ -87,6 +88,8 @@ class InferenceServer:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         mcfg, icfg = ModelConfig(**model), InferenceConfig(**inference)
+        if icfg.num_gpus_per_replica == 0:
+            apply_cpu_preload(icfg.cpu_preload)
         args = AsyncEngineArgs(
             model=model_dir,
             served_model_name=served_name,
@@ -299,6 +302,11 @@ class InferenceServer:
             "policy_version": self.version,
             "replica": self.replica,
         }
+
+    def engine_processes(self) -> list[dict[str, Any]]:
+        """This replica's process and the vLLM processes it spawned, each with the allocator and OpenMP
+        libraries really mapped into it and the CPUs it may use (`cpu_env.preload_report`)."""
+        return preload_report()
 
     async def check_health(self) -> None:
         await self.engine.check_health()

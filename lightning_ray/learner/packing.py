@@ -141,8 +141,16 @@ def block_mask(subtree_end: torch.Tensor):
 
 
 def attention_mask(model: torch.nn.Module, subtree_end: torch.Tensor):
-    """The mask the model's attention implementation takes: a BlockMask for flex_attention, else dense."""
+    """The mask the model's attention implementation takes: a BlockMask for flex_attention, an additive float
+    mask for eager (which adds the mask to the scores as is), the boolean mask for SDPA."""
     config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
-    if getattr(config, "_attn_implementation", None) == "flex_attention":
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation == "flex_attention":
         return block_mask(subtree_end)
-    return dense_mask(subtree_end)
+    mask = dense_mask(subtree_end)
+    if implementation == "eager":
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min
+        )
+    return mask

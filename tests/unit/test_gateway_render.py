@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from lightning_ray.gateway.render import (
@@ -193,3 +195,21 @@ def test_stream_with_multi_token_deltas(tok):
     out = [decoder.push(ids[i : i + 3]) for i in range(0, len(ids), 3)]
     out.append(decoder.finish())
     assert "".join(out) == decode(tok, ids)
+
+
+def test_decode_equals_the_tokenizers_own_decode(tok):
+    """`decode` may take a shorter path to the backend; it must give exactly what `tokenizer.decode` gives."""
+    rng = random.Random(0)
+    specials = [tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>")]
+    samples = [
+        encode(tok, render_chat(tok, CONVERSATION)),
+        [*char_by_char(tok, "héllo wörld 😀 "), *specials],
+        encode(tok, "😀")[:1],  # an incomplete UTF-8 character
+        [],
+        *([rng.randrange(len(tok)) for _ in range(rng.randrange(1, 60))] for _ in range(50)),
+    ]
+    for ids in samples:
+        for skip in (True, False):
+            expected = tok.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+            assert decode(tok, ids, skip_special_tokens=skip) == expected
+            assert decode(tok, tuple(ids), skip_special_tokens=skip) == expected

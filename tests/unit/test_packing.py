@@ -115,9 +115,10 @@ def test_trie_layout_by_hand():
     assert batch["input_ids"].shape == (1, 7) and batch["targets"].tolist() == [[0, 3], [4, 5], [0, 7]]
 
 
-def test_shared_prompt_groups_equal_rows_alone():
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_groups_equal_rows_alone(attention):
     table = group_table()
-    rows = assert_packed_equals_rows(table, max_tokens=1000)
+    rows = assert_packed_equals_rows(table, max_tokens=1000, attention=attention)
     assert len(rows) == 1
     packed = pack_batch(table)["input_ids"].shape[1]
     assert packed < sum(len(s) for s in row_sequences(table)[0]) // 2  # the prompts are computed once
