@@ -15,6 +15,7 @@ from lightning_ray.data.merge import MERGED_SCHEMA, merge_prefix_turns, select_t
 from lightning_ray.data.schema import TRANSITION_SCHEMA
 from lightning_ray.learner.batch import table_to_batch
 from lightning_ray.learner.forward import forward_logprobs
+from tests.unit.test_packing import tiny_llama
 
 
 def row(
@@ -147,22 +148,6 @@ def test_select_trained_calls_keeps_roles_and_their_rollout_reward():
         select_trained_calls(t, [])
 
 
-def tiny_causal_lm() -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 def token_loss_and_grads(model: torch.nn.Module, rows: pa.Table) -> tuple[float, list[torch.Tensor]]:
     """The learner's PPO token loss (advantage 1, old = current log-probs) and its gradients on `rows`."""
     model.zero_grad()
@@ -194,7 +179,7 @@ def test_learner_trains_a_merged_row_exactly_like_its_separate_calls():
     merged = merge_prefix_turns(calls)
     batch = table_to_batch(merged)
     assert batch["response_mask"].tolist() == [[1, 1, 0, 0, 1, 0, 1, 1]]
-    model = tiny_causal_lm()
+    model = tiny_llama()
     merged_loss, merged_grads = token_loss_and_grads(model, merged)
     separate_loss, separate_grads = token_loss_and_grads(model, calls)
     assert math.isclose(merged_loss, separate_loss, rel_tol=1e-5, abs_tol=1e-7)
