@@ -129,7 +129,7 @@ def run_lightning_ray(args: argparse.Namespace) -> dict[str, Any]:
     from lightning_ray.config import load_config
 
     calls: dict[str, list[dict[str, float]]] = {}
-    for name in ("init_ray", "start_rollout_stack", "LearnerGroup", "collect_batch", "save"):
+    for name in ("init_ray", "start_rollout_stack", "LearnerGroup", "next_batch", "save"):
         _timed(loop, name, calls)
     with tempfile.TemporaryDirectory(prefix="grpo-step-") as tmp:
         overrides = lightning_ray_overrides(args, tmp)
@@ -156,7 +156,7 @@ def run_lightning_ray(args: argparse.Namespace) -> dict[str, Any]:
                 "learner_time_s": row.get("learner/time_s"),
             }
         )
-    first_step = calls["collect_batch"][0]["start"]
+    first_step = calls["next_batch"][0]["start"]
     later = later_steps(steps)
     return {
         "agent": AGENTS[args.agent],
