@@ -36,25 +36,24 @@ def run_one(cfg, num_workers: int, rollouts: int, group_size: int) -> dict:
     import ray
 
     from lightning_ray.rollouts.collect import collect_batch
-    from lightning_ray.rollouts.worker import start_rollout_workers
+    from lightning_ray.rollouts.supervisor import RolloutWorkers
     from lightning_ray.tasks.actor import task_pool_from_config
 
     cfg = cfg.model_copy(deep=True)
     cfg.rollout.num_workers = num_workers
     tag = f"bench-{num_workers}w-{os.urandom(3).hex()}"
     pool = task_pool_from_config(cfg, name=f"pool-{tag}")
-    workers = []
+    workers = None
     try:
         t0 = time.perf_counter()
-        workers = start_rollout_workers(cfg, pool, prefix=tag)
+        workers = RolloutWorkers(cfg, pool, prefix=tag)
         start_s = time.perf_counter() - t0
         collect_batch(pool, workers, max(1, num_workers * 2 // group_size), group_size, progress=False)
         batch = collect_batch(pool, workers, rollouts // group_size, group_size, progress=False)
     finally:
-        if workers:
-            ray.get([w.stop.remote() for w in workers])
-        for actor in [*workers, pool]:
-            ray.kill(actor)
+        if workers is not None:
+            workers.stop()
+        ray.kill(pool)
     s = batch.summary
     calls = batch.transitions.num_rows
     return {

@@ -10,8 +10,10 @@ import asyncio
 import os
 import sys
 
+from lightning_ray.checkpoints import ResumeError, resume_plan
 from lightning_ray.config import Config, ConfigError, load_config
 from lightning_ray.environment import BrokenEnvironment, check_environment
+from lightning_ray.faults import RunFault
 from lightning_ray.resources import check_resources
 
 
@@ -96,12 +98,17 @@ def main(argv: list[str] | None = None) -> int:
 
             run_rollout(cfg, limit=args.limit, split=args.split)
         elif args.command == "train":
+            if args.resume is not None:  # checked before Ray starts: a wrong folder fails in a second
+                print(resume_plan(args.resume).describe(), flush=True)
             from lightning_ray.loop import train
 
             train(cfg, resume=args.resume)
-    except (ConfigError, BrokenEnvironment) as e:
+    except (ConfigError, BrokenEnvironment, ResumeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFault as e:  # a named fault stopped the run; train() printed how to resume it
+        print(f"run stopped: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -6,7 +6,9 @@ learners); this driver only moves object refs and small dicts, so it reads top t
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +18,18 @@ import ray
 from tqdm import tqdm
 
 from lightning_ray.algorithms.advantages import compute_advantages
-from lightning_ray.checkpoints import latest_checkpoint, prune_checkpoints
+from lightning_ray.checkpoints import (
+    STREAM_DIR,
+    ResumePlan,
+    latest_checkpoint,
+    prune_checkpoints,
+    resume_plan,
+    writing_checkpoint,
+)
 from lightning_ray.config import Config
 from lightning_ray.data.merge import merge_prefix_turns, select_trained_calls
 from lightning_ray.data.schema import write_parquet
+from lightning_ray.faults import TaskPoolLost, first_line, get
 from lightning_ray.learner.group import LearnerGroup
 from lightning_ray.models import resolve_model
 from lightning_ray.monitor.busy import BusyClock
@@ -27,88 +37,167 @@ from lightning_ray.monitor.metrics import record_batch_metrics
 from lightning_ray.monitor.run_log import RunLog, step_line
 from lightning_ray.monitor.staleness import staleness_metrics
 from lightning_ray.monitor.summary import check_failure_rate
+from lightning_ray.monitor.watchdog import PROBE_TIMEOUT_S, Watchdog
 from lightning_ray.rollouts.collect import Batch, collect_batch
-from lightning_ray.rollouts.ledger import Ledger
+from lightning_ray.rollouts.ledger import Ledger, accounting, accounting_line
 from lightning_ray.rollouts.stack import start_rollout_stack, stop_rollout_stack
 from lightning_ray.rollouts.stream import Group, RolloutStream, load_groups
+from lightning_ray.rollouts.supervisor import RolloutWorkers
 from lightning_ray.runtime import init_ray, new_run_dir
 from lightning_ray.tasks.actor import task_pool_from_config
 from lightning_ray.weights import sync_weights
-
-STREAM_DIR = "stream"  # a checkpoint's complete, untrained groups
 
 
 def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
     """Train `cfg.trainer.steps` GRPO steps; with `resume`, continue a run directory from its last checkpoint.
 
     Step `s` trains policy version `s - 1` on groups streamed by `RolloutStream` (at most
-    `trainer.max_staleness` versions behind), then the replicas serve version `s`."""
+    `trainer.max_staleness` versions behind), then the replicas serve version `s`. However the run ends,
+    RUN_DIR/summary.json says how, with the accounting of every rollout the run started."""
+    plan = resume_plan(resume) if resume else None  # a wrong folder fails before Ray starts
     init_ray(cfg)
     run_dir = Path(resume) if resume else new_run_dir(cfg, "train")
     inference, pool, workers = start_rollout_stack(cfg, "train")
     val_pool = task_pool_from_config(cfg, "val") if cfg.data.val and cfg.trainer.val_every else None
-    learners = LearnerGroup(cfg.learner, resolve_model(cfg.model.path), seed=cfg.trainer.seed)
+    learners = LearnerGroup(
+        cfg.learner,
+        resolve_model(cfg.model.path),
+        seed=cfg.trainer.seed,
+        timeout_s=cfg.trainer.stall_timeout_s,
+        max_bad_steps=cfg.trainer.max_bad_steps,
+    )
     log = RunLog(cfg, run_dir, resume=resume is not None)
-    start, (ready, in_flight) = restore(cfg, run_dir, learners, pool, inference) if resume else (0, ([], []))
-    if not resume and val_pool is not None:
-        log.log(0, validate(cfg, val_pool, workers))
-    ledger = Ledger(run_dir / "ledger.jsonl", keep_before_version=start if resume else None)
-    stream = RolloutStream(cfg, pool, workers, ledger, version=start)
-    stream.resume(ready, in_flight)
-    clock = BusyClock(inference, workers)
+    watchdog = Watchdog(run_dir, cfg.trainer.stall_timeout_s, progress_probes(workers, [pool, val_pool]))
+    stream, end = None, {"status": "stopped", "cause": None, "steps_done": 0}
     print(f"run directory: {run_dir}")
-    version = start
     try:
-        for step in range(start + 1, cfg.trainer.steps + 1):
-            version, t0 = step - 1, time.perf_counter()
-            batch = next_batch(stream, version, step)
-            record_batch_metrics(batch.summary, run=cfg.trainer.name)
-            check_failure_rate(batch.summary, cfg.rollout.max_failure_rate)
-            used_up = [t for t in (batch.transitions, batch.dropped) if t is not None]
-            write_parquet(
-                pa.concat_tables(used_up), run_dir, f"step-{step:06d}"
-            )  # the ledger says which trained
-            trained_calls = select_trained_calls(batch.transitions, cfg.rollout.train_agents)
-            metrics = {**rollout_metrics(batch), **staleness_metrics(trained_calls, version)}
-
-            table, adv = compute_advantages(training_rows(batch.transitions, cfg), cfg.algorithm)
-            table = select_trained_calls(table, cfg.rollout.train_agents)
-            metrics.update({f"advantage/{k}": v for k, v in adv.items()})
-            t1 = time.perf_counter()
-            if table.num_rows:
-                learned = learners.train_step(table, cfg.algorithm, cfg.inference.sampling.max_tokens)
-                metrics.update({f"learner/{k}": v for k, v in learned.items()})
-            t2 = time.perf_counter()
-            synced = sync_weights(learners, inference, step, cfg)
-            if step < cfg.trainer.steps:
-                stream.top_up(step)  # groups start on the new weights at once
-            ledger.trained(batch.records, version)
-            t3 = time.perf_counter()
-            metrics.update(
-                {"time/rollout_s": t1 - t0, "time/learner_s": t2 - t1, "time/broadcast_s": t3 - t2}
+        with watchdog.watching():
+            start, (ready, in_flight) = (
+                restore(cfg, plan, learners, pool, inference) if plan else (0, ([], []))
             )
-            metrics.update(sync_metrics(synced))
-            metrics.update({f"ledger/{k}": n for k, n in ledger.take_counts().items()})
-
-            if val_pool is not None and step % cfg.trainer.val_every == 0:
-                metrics.update(validate(cfg, val_pool, workers))
-            if step == cfg.trainer.steps or (
-                cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0
-            ):
-                save(run_dir, step, learners, pool, stream)
-                prune_checkpoints(run_dir, cfg.trainer.keep_checkpoints)
-            metrics["time/step_s"] = time.perf_counter() - t0
-            metrics.update(busy_metrics(clock, metrics))
-            log.log(step, metrics)
-            print(step_line(step, cfg.trainer.steps, metrics), flush=True)
-        stream.close(
-            version + 1
-        )  # after the last checkpoint: a resumed run trains what it drops as run_ended
+            if not resume and val_pool is not None:
+                log.log(0, validate(cfg, val_pool, workers))
+            ledger = Ledger(run_dir / "ledger.jsonl", keep_before_version=start if resume else None)
+            stream = RolloutStream(cfg, pool, workers, ledger, version=start)
+            stream.resume(ready, in_flight)
+            run_steps(cfg, start, run_dir, stream, learners, inference, val_pool, log, watchdog)
+            end.update(status="completed", steps_done=cfg.trainer.steps)
+    except BaseException as e:
+        end["cause"] = first_line(e)
+        raise
     finally:
+        end["steps_done"] = end["steps_done"] or (log.rows[-1]["step"] if log.rows else 0)
+        write_summary(run_dir, end, stream, pool, workers)
         log.close()
         learners.shutdown()
         stop_rollout_stack(workers, [pool, val_pool])
     return log.rows
+
+
+def run_steps(
+    cfg: Config,
+    start: int,
+    run_dir: Path,
+    stream: RolloutStream,
+    learners: LearnerGroup,
+    inference: Any,
+    val_pool: Any,
+    log: RunLog,
+    watchdog: Watchdog,
+) -> None:
+    """Steps `start + 1` .. `trainer.steps`, then the stream's close (after the last checkpoint: a resumed run
+    trains what the close drops as run_ended)."""
+    clock = BusyClock(inference, stream.workers.handles)
+    version = start
+    for step in range(start + 1, cfg.trainer.steps + 1):
+        version, t0 = step - 1, time.perf_counter()
+        batch = next_batch(stream, version, step)
+        record_batch_metrics(batch.summary, run=cfg.trainer.name)
+        # how each rollout ended, and every call the step used up (the ledger says which trained), before
+        # the failure-rate check can stop the run
+        write_parquet(batch.ended, run_dir, f"step-{step:06d}-rollouts")
+        used_up = [t for t in (batch.transitions, batch.dropped) if t is not None]
+        write_parquet(pa.concat_tables(used_up), run_dir, f"step-{step:06d}")
+        check_failure_rate(batch.summary, cfg.rollout.max_failure_rate)
+        trained_calls = select_trained_calls(batch.transitions, cfg.rollout.train_agents)
+        metrics = {**rollout_metrics(batch), **staleness_metrics(trained_calls, version)}
+
+        table, adv = compute_advantages(training_rows(batch.transitions, cfg), cfg.algorithm)
+        table = select_trained_calls(table, cfg.rollout.train_agents)
+        metrics.update({f"advantage/{k}": v for k, v in adv.items()})
+        t1 = time.perf_counter()
+        if table.num_rows:
+            learned = learners.train_step(table, cfg.algorithm, cfg.inference.sampling.max_tokens)
+            metrics.update({f"learner/{k}": v for k, v in learned.items()})
+        watchdog.beat()
+        t2 = time.perf_counter()
+        synced = sync_weights(learners, inference, step, cfg)
+        watchdog.beat()
+        if step < cfg.trainer.steps:
+            stream.top_up(step)  # groups start on the new weights at once
+        stream.ledger.trained(batch.records, version)
+        t3 = time.perf_counter()
+        metrics.update({"time/rollout_s": t1 - t0, "time/learner_s": t2 - t1, "time/broadcast_s": t3 - t2})
+        metrics.update(sync_metrics(synced))
+        metrics.update({f"ledger/{k}": n for k, n in stream.ledger.take_counts().items()})
+        metrics["rollout/worker_restarts"] = stream.workers.restarts
+
+        if val_pool is not None and step % cfg.trainer.val_every == 0:
+            metrics.update(validate(cfg, val_pool, stream.workers))
+        if step == cfg.trainer.steps or (
+            cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0
+        ):
+            save(run_dir, step, learners, stream.pool, stream)
+            prune_checkpoints(run_dir, cfg.trainer.keep_checkpoints)
+            watchdog.beat()
+        metrics["time/step_s"] = time.perf_counter() - t0
+        metrics.update(busy_metrics(clock, metrics))
+        log.log(step, metrics)
+        print(step_line(step, cfg.trainer.steps, metrics), flush=True)
+    stream.close(version + 1)
+
+
+def progress_probes(workers: RolloutWorkers, pools: list[Any]) -> dict[str, Callable[[], Any]]:
+    """What the watchdog reads: rollouts the pools saw end, and LLM calls the workers' gateways recorded."""
+
+    def ended() -> int:
+        live = [p for p in pools if p is not None]
+        return sum(s["final"] for s in ray.get([p.stats.remote() for p in live], timeout=PROBE_TIMEOUT_S))
+
+    def calls() -> int:
+        refs = [w.progress.remote() for w in workers.handles]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
+        return sum(ray.get(ref)["calls"] for ref in done)
+
+    return {"rollouts ended": ended, "LLM calls": calls}
+
+
+def write_summary(
+    run_dir: Path, end: dict[str, Any], stream: RolloutStream | None, pool: Any, workers: RolloutWorkers
+) -> None:
+    """RUN_DIR/summary.json: how the run ended and where every rollout it started went, also printed."""
+    summary: dict[str, Any] = {**end, "worker_restarts": workers.restarts, "worker_deaths": workers.deaths}
+    checkpoint = latest_checkpoint(run_dir)
+    summary["latest_checkpoint"] = str(checkpoint) if checkpoint else None
+    if stream is not None:
+        try:
+            stats = ray.get(pool.stats.remote(), timeout=PROBE_TIMEOUT_S)
+            started, leases = stats["rollouts"] + stream.restored_rollouts, stats["leases_granted"]
+            acc = accounting(stream.ledger, started, leases)
+            if end["status"] != "completed":  # rollouts still running at the stop run again on --resume
+                acc["not_ended_at_stop"] = acc.pop("lost")
+            summary["rollouts"] = acc
+            print(
+                accounting_line(acc)
+                if "lost" in acc
+                else f"run stopped: {accounting_line({**acc, 'lost': 0})}"
+            )
+        except Exception as e:  # the pool may be what failed; the summary is still written
+            summary["rollouts"] = f"unknown: the task pool did not answer ({first_line(e)})"
+    if end["status"] != "completed":
+        where = f"--resume {run_dir} continues from {checkpoint.name}" if checkpoint else "no checkpoint yet"
+        print(f"run stopped: {end['cause']}; {where}", flush=True)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 
 def next_batch(stream: RolloutStream, version: int, step: int) -> Batch:
@@ -168,9 +257,11 @@ def training_rows(transitions: pa.Table, cfg: Config) -> pa.Table:
     return merge_prefix_turns(transitions) if cfg.algorithm.merge_prefix_turns else transitions
 
 
-def validate(cfg: Config, val_pool: Any, workers: list[Any]) -> dict[str, float]:
+def validate(cfg: Config, val_pool: Any, workers: RolloutWorkers) -> dict[str, float]:
     """Held-out tasks, one greedy rollout each; solved when the reward reaches `trainer.success_threshold`."""
-    n = cfg.trainer.val_limit or ray.get(val_pool.num_tasks.remote())
+    n = cfg.trainer.val_limit or get(
+        val_pool.num_tasks.remote(), "validation pool", PROBE_TIMEOUT_S, TaskPoolLost
+    )
     batch = collect_batch(
         val_pool, workers, n, group_size=1, desc="validation", sampling={"temperature": 0.0}
     )
@@ -189,23 +280,24 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 def save(run_dir: Path, step: int, learners: LearnerGroup, pool: Any, stream: RolloutStream) -> Path:
     """HF folder + optimizer state, with the step, the task pool's data position and the stream's groups (the
-    stream's files first: the learners write the marker that makes the checkpoint complete last)."""
+    stream's files first: the learners write the manifest that makes the checkpoint complete last). A save
+    that fails leaves no folder behind (`writing_checkpoint`)."""
     path = checkpoint_dir(run_dir, step)
-    in_flight = stream.save(path / STREAM_DIR)["in_flight"]
-    extra = {"step": step, "pool": ray.get(pool.state.remote()), "in_flight": in_flight}
-    return learners.save_checkpoint(path, extra=extra)
+    with writing_checkpoint(path):
+        in_flight = stream.save(path / STREAM_DIR)["in_flight"]
+        state = get(pool.state.remote(), "task pool state", PROBE_TIMEOUT_S, lost=TaskPoolLost)
+        return learners.save_checkpoint(path, extra={"step": step, "pool": state, "in_flight": in_flight})
 
 
 def restore(
-    cfg: Config, run_dir: Path, learners: LearnerGroup, pool: Any, inference: Any
+    cfg: Config, plan: ResumePlan, learners: LearnerGroup, pool: Any, inference: Any
 ) -> tuple[int, tuple[list[Group], list[str]]]:
-    """Weights, optimizer, data position and policy version from the last checkpoint; returns its step, the
-    stream's complete untrained groups and the task ids of the groups that were running."""
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        raise FileNotFoundError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
+    """Weights, optimizer, data position and policy version from the checkpoint `plan` chose (the newest
+    complete one); returns its step, the stream's complete untrained groups and the task ids of the groups
+    that were running."""
+    path = plan.checkpoint
     extra = learners.load_checkpoint(path)["extra"]
-    ray.get(pool.load_state.remote(extra["pool"]))
+    get(pool.load_state.remote(extra["pool"]), "task pool load_state", PROBE_TIMEOUT_S, lost=TaskPoolLost)
     sync_weights(learners, inference, extra["step"], cfg)
     print(f"resumed from {path} at step {extra['step']}")
     return int(extra["step"]), (load_groups(path / STREAM_DIR), extra.get("in_flight", []))

@@ -7,6 +7,8 @@ import logging
 import random
 import sys
 import threading
+import time
+from typing import Any
 
 import openai
 
@@ -96,3 +98,55 @@ async def waiting_agent(task: dict, llm: lr.LLM) -> float:
     await asyncio.sleep(random.uniform(0.0, 1.5))
     second = await _ask(llm, "and then?")
     return float((len(first) + len(second)) % 3 == 0)
+
+
+BAD_REWARDS = {
+    "nan": float("nan"),
+    "inf": float("inf"),
+    "overflow": 10**400,
+    "string": "0.5",
+    "dict": {"reward": 1.0},
+}
+
+
+def _linger() -> None:
+    time.sleep(3.0)
+
+
+@lr.rollout
+async def faulty_agent(task: dict, llm: lr.LLM) -> Any:
+    """One call, then the ending the task's `mode` picks: every way an agent can misbehave, for isolation tests.
+
+    "block" stalls its own event loop far past any rollout timeout; "late" makes its call only after a delay,
+    while a "block" rollout of the same worker is stalled."""
+    mode = task["mode"]
+    if mode == "late":
+        await asyncio.sleep(task.get("delay_s", 2.0))
+    await _ask(llm, task["question"])
+    if mode == "block":
+        time.sleep(30)
+    if mode == "exit":
+        sys.exit(3)
+    if mode == "interrupt":
+        raise KeyboardInterrupt
+    if mode == "huge_print":
+        print("x" * 200_000_000)
+    if mode == "many_prints":
+        for i in range(20_000):
+            print(f"line {i} of a chatty agent")
+            log.warning("log %d", i)
+    if mode in BAD_REWARDS:
+        return BAD_REWARDS[mode]
+    if mode == "leak":
+        threading.Thread(target=_linger, name=f"leaked-by-{task['id']}", daemon=False).start()
+    return 1.0
+
+
+@lr.rollout
+def hanging_sync_agent(task: dict, llm: lr.LLM) -> float:
+    """A sync agent: "hang" never returns (a wait nothing ends), "exit" raises SystemExit, else one call."""
+    if task["mode"] == "hang":
+        threading.Event().wait()
+    if task["mode"] == "exit":
+        raise SystemExit("agent quit")
+    return sync_agent(task, llm)

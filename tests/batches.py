@@ -6,17 +6,16 @@ import ray
 
 from lightning_ray.config import Config
 from lightning_ray.rollouts.collect import Batch, collect_batch
-from lightning_ray.rollouts.worker import start_rollout_workers
+from lightning_ray.rollouts.supervisor import RolloutWorkers
 from lightning_ray.tasks.actor import task_pool_from_config
 
 
 def run_batch(cfg: Config, name: str, num_tasks: int) -> Batch:
     """`num_tasks` GRPO groups of `cfg`'s agent through its own task pool and workers (named after `name`)."""
     pool = task_pool_from_config(cfg, name=f"pool-{name}")
-    workers = start_rollout_workers(cfg, pool, prefix=name)
+    workers = RolloutWorkers(cfg, pool, prefix=name)
     try:
         return collect_batch(pool, workers, num_tasks, progress=False)
     finally:
-        ray.get([w.stop.remote() for w in workers])
-        for actor in [*workers, pool]:
-            ray.kill(actor)
+        workers.stop()
+        ray.kill(pool)

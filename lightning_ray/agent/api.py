@@ -2,7 +2,8 @@
 
 An agent is ordinary code: it gets a task (one dataset row, a dict) and an `LLM`, talks to `llm.base_url`
 with any OpenAI-compatible client, and returns its reward (or None after `emit_reward`). Sync and async
-code are both fine; runners call sync code in a thread pool.
+code are both fine; rollout workers run each call on a thread of its own, async code on a fresh event loop
+there (`lightning_ray.rollouts.isolation`), so no agent can stall another or the gateway.
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ class LitAgent(abc.ABC):
 
     A worker creates one instance (no arguments), calls `setup()` once before its first rollout, runs many
     rollouts on that instance concurrently, and calls `teardown()` when it shuts down. Each method may be
-    sync or async. Keep per-rollout state in locals, not on `self`.
+    sync or async. Keep per-rollout state in locals, not on `self`. Every call runs on a thread of its own, an
+    async one on its own event loop: asyncio objects bound to a loop (an async client's connection pool) made in
+    `setup` cannot serve the rollouts; make those per rollout.
     """
 
     name: str | None = None
@@ -170,7 +173,8 @@ def is_async_callable(fn: Any) -> bool:
 async def call_agent(fn: Callable[..., Any], *args: Any, executor: Executor | None = None) -> Any:
     """Call agent code from an event loop: await async code, run sync code in `executor` (the loop's
     default if None) with the caller's context (so `emit_reward` finds the rollout's sink), and await an
-    awaitable that sync code returns."""
+    awaitable that sync code returns. Async code shares the caller's loop: rollout workers, which must not let
+    an agent stall their gateway, use `lightning_ray.rollouts.isolation.AgentThread` instead."""
     if is_async_callable(fn):
         result = await fn(*args)
     else:

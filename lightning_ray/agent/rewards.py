@@ -119,12 +119,44 @@ def current_reward_sink() -> RewardSink | None:
         return _THREAD_SINKS.get(threading.current_thread())
 
 
+def started_threads(sink: RewardSink) -> list[threading.Thread]:
+    """The threads started inside the rollout of `sink` (and by those threads) that are still registered:
+    how a runner finds the threads an agent left running."""
+    with _THREAD_SINKS_LOCK:
+        return [t for t, s in _THREAD_SINKS.items() if s is sink]
+
+
+class BadReward(TypeError, ValueError):
+    """A reward that is not a finite real number (NaN, infinite, an int too large for a float, a string...).
+
+    A TypeError and a ValueError at once, as the two checks it replaced raised; `failure_kind` tells
+    `lightning_ray.monitor.errors.classify_exception` which kind of failure it is."""
+
+    failure_kind = "bad_reward"
+
+
+def describe_value(value: Any, max_chars: int = 120) -> str:
+    """`type: repr`, short, for a message; never raises (huge ints have no repr beyond 4300 digits)."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"{type(value).__name__}: an integer of {value.bit_length()} bits"
+    try:
+        text = repr(value)
+    except Exception as e:  # a broken __repr__ must not hide the reward error
+        text = f"<repr failed: {type(e).__name__}>"
+    if len(text) > max_chars:
+        text = f"{text[:max_chars]}... ({len(text)} characters)"
+    return f"{type(value).__name__}: {text}"
+
+
 def _check_number(name: str, value: Any) -> float:
     if not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
-    out = float(value)
+        raise BadReward(f"{name} must be a real number, got {describe_value(value)}")
+    try:
+        out = float(value)
+    except (OverflowError, ValueError, TypeError) as e:
+        raise BadReward(f"{name} does not fit a float, got {describe_value(value)} ({e})") from None
     if not math.isfinite(out):
-        raise ValueError(f"{name} must be finite, got {out}")
+        raise BadReward(f"{name} must be finite, got {describe_value(value)}")
     return out
 
 
@@ -170,7 +202,8 @@ def open_reward_sink(
 
 
 def coerce_reward(value: Any) -> float | None:
-    """Validate what an agent returned: None (no reward) or a finite real number; anything else raises."""
+    """Validate what an agent returned: None (no reward) or a finite real number; anything else raises
+    `BadReward`, naming the value's type and value."""
     if value is None:
         return None
     return _check_number("the rollout's return value (its reward)", value)

@@ -137,6 +137,13 @@ class RolloutConfig(Section):
     timeout_s: float = Field(120.0, gt=0)
     lease_timeout_s: float = Field(300.0, gt=0)
     max_attempts: int = Field(2, gt=0)
+    max_hung_threads: int = Field(
+        16,
+        gt=0,
+        description="Agent threads a rollout worker may have left running (agents that would not stop when their "
+        "rollout timed out, threads they leaked) before it takes no more work and is replaced: a thread cannot be "
+        "killed, a process can.",
+    )
     max_worker_restarts: int = Field(
         8,
         ge=0,

@@ -26,11 +26,17 @@ import uvicorn
 from transformers import PreTrainedTokenizerBase
 
 from lightning_ray.agent.urls import rollout_url
-from lightning_ray.config import Config, GatewayConfig, SamplingConfig, is_loopback, resolve_path
+from lightning_ray.config import (
+    Config,
+    GatewayConfig,
+    SamplingConfig,
+    is_loopback,
+    resolve_path,
+)
 from lightning_ray.data.schema import Transition
 from lightning_ray.gateway.app import create_app
 from lightning_ray.gateway.calls import GatewayState
-from lightning_ray.gateway.engine import Engine
+from lightning_ray.gateway.engine import DEFAULT_RETRIES, Engine
 from lightning_ray.gateway.recorder import Recorder
 from lightning_ray.gateway.render import load_chat_template, load_tokenizer
 from lightning_ray.gateway.tools import DEFAULT_TOOL_PARSER
@@ -130,7 +136,8 @@ async def start_gateway(
     if not is_loopback(gw_cfg.host) and not gw_cfg.auth_token:
         raise ValueError(f"gateway.host={gw_cfg.host!r} is not loopback: set gateway.auth_token")
     frozen_agents = config.rollout.frozen_agents if isinstance(config, Config) else []
-    engine = Engine(handle, frozen_agents=frozen_agents, frozen_handle=frozen_handle)
+    retries = config.inference.request_retries if isinstance(config, Config) else DEFAULT_RETRIES
+    engine = Engine(handle, frozen_agents=frozen_agents, frozen_handle=frozen_handle, retries=retries)
     info = await engine.model_info()
     tok = tokenizer if isinstance(tokenizer, PreTrainedTokenizerBase) else None
     if tok is None:

@@ -23,6 +23,7 @@ from ray.serve.config import RequestRouterConfig
 from lightning_ray.config import InferenceConfig, ModelConfig, SamplingConfig
 from lightning_ray.inference.cpu_env import apply_cpu_preload, preload_report
 from lightning_ray.monitor.busy import BusyTime
+from lightning_ray.weights import object_store, registry
 from lightning_ray.weights.receiver import WeightReceiverExtension
 
 APP_NAME = "lightning-ray-inference"
@@ -81,9 +82,12 @@ def _json_constraint(schema: dict[str, Any]):
 
 
 class InferenceServer:
-    """One vLLM engine. Used as a Ray Serve deployment (see `inference_app`)."""
+    """One vLLM engine. Used as a Ray Serve deployment (see `inference_app`).
 
-    def __init__(self, model_dir: str, model: dict, inference: dict, served_name: str):
+    The constructor is async (Serve awaits it) so that a replica Serve starts after weight updates (a restart,
+    a replica added) loads the weights its app serves now before Serve routes it any traffic."""
+
+    async def __init__(self, model_dir: str, model: dict, inference: dict, served_name: str):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -118,6 +122,21 @@ class InferenceServer:
         self.on_update = icfg.on_update
         self._resumable: set[str] = set()  # in-flight requests an update may interrupt
         self._interrupted: set[str] = set()  # those it did
+        await self._load_published()
+
+    async def _load_published(self) -> None:
+        """Serve the weights the app's registry names (`lightning_ray.weights.registry`), if any were published;
+        read again after each load, so an update published meanwhile is not missed."""
+        loaded = None
+        while (published := await registry.lookup()) is not None and published != loaded:
+            try:
+                await self.update_weights(object_store.NAME, {"state": published.state}, published.version)
+            except Exception as e:
+                raise registry.PublishedWeightsUnavailable(
+                    f"replica {self.replica} could not load the published weights of policy version "
+                    f"{published.version}: {type(e).__name__}: {e}"
+                ) from e
+            loaded = published
 
     async def _admit(self) -> int:
         await self._open.wait()
@@ -249,14 +268,24 @@ class InferenceServer:
         """The path's set-up before a transfer (e.g. join a process group); may block until peers arrive."""
         await self._on_workers(WeightReceiverExtension.prepare_weights, path, request, self.replica)
 
-    async def update_weights(self, path: str, payload: Any, version: int) -> dict[str, Any]:
+    async def update_weights(
+        self, path: str, payload: Any, version: int, if_older: bool = False
+    ) -> dict[str, Any]:
         """One in-place update behind the admission gate: close it, interrupt the requests that may go on
         after it (`inference.on_update: interrupt`), wait for the others to finish (drain), let every worker
         receive and load `payload`, reset the prefix cache, serve `version`, reopen. Updates run one at a
-        time, and every token is recorded with the version that produced it."""
+        time, and every token is recorded with the version that produced it. With `if_older` a replica that
+        already serves `version` (or newer) loads nothing and answers `skipped`."""
         from lightning_ray.weights import PATHS
 
         async with self._update_lock:
+            if if_older and self.version >= version:
+                return {
+                    "replica": self.replica,
+                    "policy_version": self.version,
+                    "skipped": True,
+                    "total_s": 0.0,
+                }
             t0 = time.perf_counter()
             self._open.clear()
             try:
@@ -362,6 +391,7 @@ def deploy_inference(
     """Start Serve without its HTTP proxy (the gateway is our HTTP front) and deploy the engines as the Serve app
     `app_name`; blocks until every replica is healthy."""
     serve.start(http_options={"location": "NoServer"})
+    registry.reset(app_name)
     return serve.run(inference_app(model_dir, model, inference), name=app_name, route_prefix=None)
 
 

@@ -3,13 +3,19 @@
 On this machine's CPU DeepSpeed would JIT-compile two native ops on first use (~50 s shm comm, ~60 s
 cpu_adam): the optimizer is a plain `torch.optim.AdamW` and the shm comm op is marked incompatible before the
 process group starts, so DeepSpeed falls back to plain torch.distributed (gloo / nccl).
+
+A step whose global gradient norm is not finite is skipped, with the gradients cleared and the weights and
+optimizer state untouched: DeepSpeed's wrapped optimizers (ZeRO 1-3, bf16) do that themselves and count it in
+`engine.skipped_steps`; plain fp32 without ZeRO hands the gradients to the optimizer as they are, so there the
+optimizer is `ClippedAdamW`, which does the same.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
-from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -69,13 +75,21 @@ def node_address() -> dict[str, Any]:
         "node_id": ray.get_runtime_context().get_node_id(),
         "ip": ray.util.get_node_ip_address(),
         "port": free_port(),
+        "pid": os.getpid(),
     }
 
 
 def join_process_group(
-    cfg: LearnerConfig, rank: int, world_size: int, master_addr: str, master_port: int, local_rank: int
+    cfg: LearnerConfig,
+    rank: int,
+    world_size: int,
+    master_addr: str,
+    master_port: int,
+    local_rank: int,
+    timeout_s: float,
 ) -> str:
-    """Join the learners' process group (blocks until every rank has joined); returns its backend."""
+    """Join the learners' process group (blocks until every rank has joined); returns its backend. A collective
+    that waits more than `timeout_s` for a peer (a rank that died) fails instead of hanging."""
     use_gpu = cfg.num_gpus_per_worker > 0 and torch.cuda.is_available()
     os.environ.update(
         MASTER_ADDR=master_addr,
@@ -91,7 +105,9 @@ def join_process_group(
 
     deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False  # skip the ~50 s JIT build of the shm op
     backend = resolve_backend(cfg)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    deepspeed.init_distributed(
+        dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timedelta(seconds=timeout_s)
+    )
     return backend
 
 
@@ -142,29 +158,41 @@ def load_reference_model(model_path: str, cfg: LearnerConfig, device: torch.devi
     return model.eval().requires_grad_(False)
 
 
-def build_engine(cfg: LearnerConfig, model: torch.nn.Module) -> tuple[Any, Callable[[], float]]:
-    """The DeepSpeed engine (AdamW over the trainable parameters, in train mode) and a function that returns
-    the gradient norm of its last optimizer step."""
+class ClippedAdamW(torch.optim.AdamW):
+    """AdamW for plain fp32 without ZeRO, where DeepSpeed neither clips nor checks the gradients: it clips
+    them to `max_grad_norm` (after DeepSpeed averaged them over the ranks, so every rank sees the same norm)
+    and skips the step when their norm is not finite. The norm is summed in float64 as DeepSpeed's ZeRO
+    stages do, so every stage calls the same gradients finite. `overflow` and `_global_grad_norm` are the
+    attributes DeepSpeed's engine reads from its own wrapped optimizers: it counts the skip, reports the norm."""
+
+    def __init__(self, params: list[torch.nn.Parameter], *, max_grad_norm: float, **kw: Any):
+        super().__init__(params, **kw)
+        self.max_grad_norm = max_grad_norm
+        self.overflow = False
+        self._global_grad_norm = math.nan
+
+    def step(self, closure: Any = None) -> Any:
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.stack([p.grad.double().norm() for p in params]).norm() if params else torch.zeros(())
+        self._global_grad_norm = float(norm)
+        torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
+        self.overflow = not math.isfinite(self._global_grad_norm)
+        return None if self.overflow else super().step(closure)
+
+
+def build_engine(cfg: LearnerConfig, model: torch.nn.Module) -> Any:
+    """The DeepSpeed engine: AdamW over the trainable parameters, in train mode."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    clipped_norm = [float("nan")]
-    if worker_clips(cfg):
-
-        def clip(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            """Runs inside DeepSpeed's step, after the gradients were averaged over the ranks."""
-            grads = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            clipped_norm[0] = float(torch.nn.utils.clip_grad_norm_(grads, cfg.max_grad_norm))
-
-        optimizer.register_step_pre_hook(clip)
+    adamw = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    optimizer = (
+        ClippedAdamW(params, max_grad_norm=cfg.max_grad_norm, **adamw)
+        if worker_clips(cfg)
+        else torch.optim.AdamW(params, **adamw)
+    )
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg), dist_init_required=False
     )
     engine.train()
-
-    def grad_norm() -> float:
-        norm = engine.get_global_grad_norm()
-        return float(norm) if norm is not None else clipped_norm[0]
-
-    return engine, grad_norm
+    return engine

@@ -10,6 +10,10 @@ the ratio is clipped around, the rollout's the behaviour policy the importance w
 micro-batches per rank are one (PPO mini-batches). The loss of each micro-batch is its share of the global
 batch (the denominator is summed over the ranks), so ranks and micro-batch sizes do not change the step.
 Everything here is collective: every rank runs it at once.
+
+An optimizer step whose loss (any micro-batch, any rank) or gradients are not finite is skipped by every rank
+(`skip_nonfinite`): no weight or optimizer state changes, the gradients are cleared, and the metrics count it
+(`skipped_steps`, and by reason `skipped_nonfinite_loss` / `skipped_nonfinite_grad`).
 """
 
 from __future__ import annotations
@@ -45,14 +49,13 @@ def train_step(
     *,
     pad_id: int,
     reference: Callable[[], torch.nn.Module],
-    grad_norm: Callable[[], float],
     max_response_tokens: int | None = None,
 ) -> dict[str, float]:
     """One step on `shard` (a table with an `advantage` column); global metrics, the same on every rank.
 
-    `reference` returns the frozen KL reference model (loaded on first use), `grad_norm` the norm of the last
-    optimizer step. `max_response_tokens` is the Dr. GRPO constant for `length_norm: constant` (default: the
-    longest response in the batch).
+    `reference` returns the frozen KL reference model (loaded on first use). `max_response_tokens` is the
+    Dr. GRPO constant for `length_norm: constant` (default: the longest response in the batch). The count
+    `optimizer_steps` holds the steps applied, not those skipped.
     """
     import torch.distributed as dist
 
@@ -68,6 +71,7 @@ def train_step(
             "sequences": 0.0,
             "micro_batches": 0,
             "optimizer_steps": 0,
+            **_skip_counts([], []),
         }
     t_batch = time.perf_counter() - t0
 
@@ -96,23 +100,47 @@ def train_step(
                 constant=constant,
                 ref_logprobs=b.get("ref_logprobs"),
             )
-            # DeepSpeed averages gradients over ranks; the loss is already a share of the global batch.
-            engine.backward(loss * dist.get_world_size(), scale_wrt_gas=False)
             totals.add(b, loss, metrics, entropy, old if recomputed else None)
-        engine.step()
-        totals.grad_norms.append(grad_norm())
+            # DeepSpeed averages gradients over ranks; the loss is already a share of the global batch.
+            engine.backward(skip_nonfinite(loss) * dist.get_world_size(), scale_wrt_gas=False)
+        totals.end_optimizer_step(_optimizer_step(engine), engine.get_global_grad_norm())
 
     out = totals.reduce(device)
     out.update(
         lr=float(engine.get_lr()[0]),
         micro_batches=len(micro),
-        optimizer_steps=len(totals.grad_norms),
         old_logprob_pass=float(separate_pass),  # 0: the training forward's own log-probs are the old ones
         time_batch_s=t_batch,
         time_old_logprobs_s=t_old,
         time_s=time.perf_counter() - t0,
     )
     return out
+
+
+def skip_nonfinite(loss: torch.Tensor) -> torch.Tensor:
+    """The loss to backpropagate: a non-finite loss becomes NaN times itself, so every gradient it reaches is
+    NaN. The global gradient norm, which DeepSpeed reduces over the ranks before it applies a step, is then NaN
+    on every rank, and every rank skips the step (see `engine`), even where this loss alone would have left
+    the gradients finite."""
+    return loss if bool(torch.isfinite(loss)) else loss * math.nan
+
+
+def _optimizer_step(engine: Any) -> bool:
+    """`engine.step()`; whether it applied the update (False: the gradient norm was not finite, so DeepSpeed or
+    `ClippedAdamW` skipped it and cleared the gradients; the same verdict on every rank)."""
+    skipped = engine.skipped_steps
+    engine.step()
+    return engine.skipped_steps == skipped
+
+
+def _skip_counts(applied: list[bool], nonfinite_losses: list[float]) -> dict[str, int]:
+    """Skipped optimizer steps, by reason: a non-finite loss on some rank, else non-finite gradients."""
+    skipped = [bad for ok, bad in zip(applied, nonfinite_losses, strict=True) if not ok]
+    return {
+        "skipped_steps": len(skipped),
+        "skipped_nonfinite_loss": sum(bad > 0 for bad in skipped),
+        "skipped_nonfinite_grad": sum(bad == 0 for bad in skipped),
+    }
 
 
 def _old_and_ref_logprobs(
@@ -174,7 +202,9 @@ class _Totals:
     loss: float = 0.0
     mismatch: float = 0.0  # sum of |learner - inference engine| old log-probs over the response tokens
     mismatch_tokens: float = 0.0
-    grad_norms: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)  # per optimizer step, global
+    applied: list[bool] = field(default_factory=list)  # per optimizer step, the same on every rank
+    nonfinite_losses: list[float] = field(default_factory=lambda: [0.0])  # per optimizer step, this rank's
 
     def add(
         self,
@@ -199,10 +229,18 @@ class _Totals:
         self.tokens += n
         self.computed += float(computed_tokens(b))
         self.sequences += float((b["response_lengths"] > 0).sum())
-        self.loss += loss.item()
+        value = loss.item()
+        self.loss += value
+        self.nonfinite_losses[-1] += not math.isfinite(value)
+
+    def end_optimizer_step(self, applied: bool, grad_norm: float | None) -> None:
+        self.applied.append(applied)
+        self.grad_norms.append(math.nan if grad_norm is None else float(grad_norm))
+        self.nonfinite_losses.append(0.0)
 
     def reduce(self, device: torch.device) -> dict[str, float]:
-        """Global token-means of the loss metrics, the mean loss per optimizer step and the mean grad norm."""
+        """Global token-means of the loss metrics, the mean loss per optimizer step, the mean grad norm and the
+        optimizer steps applied and skipped."""
         keys = sorted(self.sums)
         local = [self.sums[k] for k in keys]
         reduced = all_reduce(
@@ -214,10 +252,12 @@ class _Totals:
                 self.loss,
                 self.mismatch,
                 self.mismatch_tokens,
+                *self.nonfinite_losses[:-1],
             ],
             device,
         )
-        tokens, computed, sequences, loss, mismatch, mismatch_tokens = reduced[len(keys) :]
+        end = len(keys) + 6
+        tokens, computed, sequences, loss, mismatch, mismatch_tokens = reduced[len(keys) : end]
         out = {k: v / max(tokens, 1.0) for k, v in zip(keys, reduced[: len(keys)], strict=True)}
         extremes = sorted(self.maxima)  # the same keys on every rank: they depend on the config only
         if extremes:
@@ -230,6 +270,8 @@ class _Totals:
             tokens=tokens,
             tokens_computed=computed,
             sequences=sequences,
+            optimizer_steps=sum(self.applied),
+            **_skip_counts(self.applied, reduced[end:]),
         )
         if mismatch_tokens > 0:
             out["logprob_diff_rollout"] = (

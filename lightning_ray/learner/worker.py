@@ -13,7 +13,6 @@ model is collective: the group calls it on all ranks at once. The jobs live in m
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -39,25 +38,25 @@ class LearnerWorker(WeightSenders):
         self.engine = None
         self.ref_model: torch.nn.Module | None = None
         self.pad_id = 0
-        self.optimizer_steps = 0
-        self._grad_norm: Callable[[], float] | None = None  # the norm of the last optimizer step
+        self.optimizer_steps = 0  # applied, not skipped
 
     # ---------------------------------------------------------------- setup
 
     def address(self) -> dict[str, Any]:
-        """Where this rank runs, and a free port for the rendezvous when it is rank 0."""
+        """Where this rank runs (node, IP, pid), and a free port for the rendezvous when it is rank 0."""
         return engine.node_address()
 
-    def setup(self, master_addr: str, master_port: int, local_rank: int) -> dict[str, Any]:
-        """Join the process group and build the DeepSpeed engine (blocks until every rank has joined)."""
+    def setup(self, master_addr: str, master_port: int, local_rank: int, timeout_s: float) -> dict[str, Any]:
+        """Join the process group and build the DeepSpeed engine (blocks until every rank has joined). A
+        collective that waits `timeout_s` for a peer fails."""
         t0 = time.perf_counter()
         backend = engine.join_process_group(
-            self.cfg, self.rank, self.world_size, master_addr, master_port, local_rank
+            self.cfg, self.rank, self.world_size, master_addr, master_port, local_rank, timeout_s
         )
         torch.manual_seed(self.seed)
         model, self.pad_id = engine.load_model(self.model_path, self.cfg)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.engine, self._grad_norm = engine.build_engine(self.cfg, model)
+        self.engine = engine.build_engine(self.cfg, model)
         return {"setup_s": time.perf_counter() - t0, "trainable_params": trainable, "backend": backend}
 
     def _reference_model(self) -> torch.nn.Module:
@@ -84,7 +83,6 @@ class LearnerWorker(WeightSenders):
             algo,
             pad_id=self.pad_id,
             reference=self._reference_model,
-            grad_norm=self._grad_norm,
             max_response_tokens=max_response_tokens,
         )
         self.optimizer_steps += metrics["optimizer_steps"]

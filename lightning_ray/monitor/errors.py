@@ -2,13 +2,20 @@
 
 Kinds, and the rules that pick them (first match wins):
 
+0. a kind the runner detected itself: an exception in the chain whose class declares `failure_kind`, one of
+   the kinds (`bad_reward`: the reward returned or emitted is NaN, infinite, overflows a float or is not a
+   number, `lightning_ray.agent.rewards.BadReward`; `leaked_threads`: the agent returned but left non-daemon
+   threads running, `lightning_ray.rollouts.isolation.LeakedThreads`).
 1. `truncated_context`: an LLM/gateway HTTP error anywhere in the exception chain answered 400 with code
    `context_length_exceeded` (or a message saying the context length was exceeded, as vLLM words it): the
    conversation no longer fits the model. Also a rollout that produced *no reward* and whose last LLM call
    ended with finish_reason "length": the cut-off answer is the likely reason. A rollout that did return a
    reward after a "length" finish is NOT a failure: being cut off is part of what the policy must learn
    (dropping those samples would hide long-winded answers from training); count it as a metric instead.
-2. `llm_error`: any other `openai.APIError` (status, connection, timeout, response validation) in the chain,
+2. `inference_error`: the gateway answered 503 `inference_replica_lost`: the vLLM replica died under the call
+   and every re-send (`inference.request_retries`) failed too. Not the agent's doing, so the pool runs the
+   rollout again (`RETRIED_KINDS`).
+   `llm_error`: any other `openai.APIError` (status, connection, timeout, response validation) in the chain,
    or an `httpx`/`httpx2` error whose request went to the rollout's gateway (`llm_base_url` given).
 3. `timeout`: the runner's per-rollout timeout fired (`timed_out=True`), or the agent raised a bare
    `TimeoutError` (asyncio/concurrent timeouts are that type too).
@@ -34,12 +41,17 @@ class FailureKind(StrEnum):
     AGENT_EXCEPTION = "agent_exception"
     TOOL_ERROR = "tool_error"
     LLM_ERROR = "llm_error"
+    INFERENCE_ERROR = "inference_error"
     TRUNCATED_CONTEXT = "truncated_context"
     TIMEOUT = "timeout"
     NO_REWARD = "no_reward"
+    BAD_REWARD = "bad_reward"
+    LEAKED_THREADS = "leaked_threads"
 
 
 MAX_TRACEBACK_CHARS = 16_000
+REPLICA_LOST_CODE = "inference_replica_lost"  # the gateway's 503 code (`lightning_ray.gateway.engine`)
+RETRIED_KINDS = frozenset({"inference_error"})  # the pool runs such a rollout again while attempts remain
 
 
 @dataclass(frozen=True)
@@ -225,13 +237,23 @@ def _failure(kind: FailureKind, exc: BaseException, top: BaseException, **detail
     )
 
 
+_DECLARED_KINDS = {FailureKind.BAD_REWARD.value, FailureKind.LEAKED_THREADS.value}
+
+
 def classify_exception(exc: BaseException, llm_base_url: str | None = None) -> Failure:
-    """The Failure for an exception that escaped an agent (rules 1-5 of the module docstring)."""
+    """The Failure for an exception that escaped an agent (rules 0-5 of the module docstring)."""
     chain = exception_chain(exc)
+    for e in chain:
+        kind = getattr(type(e), "failure_kind", None)
+        if kind in _DECLARED_KINDS:
+            return _failure(FailureKind(kind), e, exc)
     llm_errors = [(e, d) for e in chain if (d := _llm_error_detail(e, llm_base_url)) is not None]
     for e, d in llm_errors:
         if _is_context_exceeded(e, d):
             return _failure(FailureKind.TRUNCATED_CONTEXT, e, exc, **d)
+    for e, d in llm_errors:
+        if d.get("status_code") == 503 and d.get("code") == REPLICA_LOST_CODE:
+            return _failure(FailureKind.INFERENCE_ERROR, e, exc, **d)
     if llm_errors:
         e, d = llm_errors[0]
         return _failure(FailureKind.LLM_ERROR, e, exc, **d)

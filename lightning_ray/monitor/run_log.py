@@ -2,19 +2,28 @@
 
 wandb runs offline unless a key is configured (`WANDB_API_KEY` and `logging.wandb_mode: online`), so a run
 on a machine without network still keeps its wandb files.
+
+Each row of metrics.jsonl is appended with one write and flushed to disk, so a crash leaves at most the last
+line cut in half: readers skip such a line with a warning, and a resumed run rewrites the file to one row per
+step up to the checkpoint it resumes from (later steps are trained again, and logged again).
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import html
 import io
 import json
+import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
+from lightning_ray.checkpoints import resume_plan
 from lightning_ray.config import Config
+from lightning_ray.faults import RunFault
 
 CURVES = [
     ("rollout/reward_mean", "train reward (mean)"),
@@ -22,12 +31,30 @@ CURVES = [
     ("val/success_rate", "held-out success (greedy)"),
 ]
 
+log = logging.getLogger(__name__)
+
+
+class MetricsWriteError(RunFault):
+    """metrics.jsonl could not be written (disk full, ...); the file is left without a partial row."""
+
+    def __init__(self, path: str | Path, detail: str):
+        super().__init__(f"could not write {path}: {detail}")
+        self.path, self.detail = str(path), detail
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return type(self), (self.path, self.detail)
+
 
 class RunLog:
+    """metrics.jsonl, wandb and the report of one run. With `resume`, the log continues from the step of the
+    checkpoint `--resume` continues from (`resume_metrics`)."""
+
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
         self.cfg, self.run_dir = cfg, run_dir
         self.path = run_dir / "metrics.jsonl"
-        self.rows: list[dict[str, Any]] = read_metrics(self.path) if resume else []
+        self.rows: list[dict[str, Any]] = (
+            resume_metrics(self.path, resume_plan(run_dir).step) if resume else []
+        )
         self.wandb = None
         if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
             import wandb
@@ -45,8 +72,7 @@ class RunLog:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self.rows = [r for r in self.rows if r["step"] != step] + [row]
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(self.path, row)
         if self.wandb is not None:
             self.wandb.log(row, step=step)
 
@@ -63,16 +89,68 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Append one row with a single write, flushed to disk; on failure the file is cut back to where it was
+    and `MetricsWriteError` names the row, its size and the OS error."""
+    data = (json.dumps(row) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        end = os.fstat(fd).st_size
+        try:
+            if os.write(fd, data) != len(data):  # a short write: the disk filled up mid-row
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            os.fsync(fd)
+        except OSError as e:
+            os.ftruncate(fd, end)
+            raise MetricsWriteError(
+                path, f"appending the row of step {row['step']} ({len(data)} bytes): {e}"
+            ) from e
+    finally:
+        os.close(fd)
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The last row of each step (a resumed run may repeat a step it had logged before stopping)."""
+    """The last row of each step (a resumed run may repeat a step it had logged before stopping). A line cut
+    in half (the run was killed mid-write, or is writing it now) is skipped with a warning."""
     if not path.exists():
         return []
     by_step = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
-            by_step[row["step"]] = row
+        except ValueError:
+            log.warning("%s: line %d is cut off or corrupt, skipped: %.80r", path, number, line)
+            continue
+        by_step[row["step"]] = row
     return [by_step[s] for s in sorted(by_step)]
+
+
+def resume_metrics(path: Path, step: int) -> list[dict[str, Any]]:
+    """The rows up to `step` (the checkpoint a resumed run continues from), one per step; metrics.jsonl is
+    rewritten to hold exactly these, since the steps after it are trained, and logged, again."""
+    rows = read_metrics(path)
+    kept = [r for r in rows if r["step"] <= step]
+    if len(kept) < len(rows):
+        log.warning(
+            "%s: dropped the rows of steps %d-%d, after the resumed step %d",
+            path,
+            rows[len(kept)]["step"],
+            rows[-1]["step"],
+            step,
+        )
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tmp.open("w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise MetricsWriteError(path, f"rewriting {len(kept)} rows for the resume: {e}") from e
+    return kept
 
 
 def step_line(step: int, total: int, m: dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lightning_ray.faults import RunFault
 from lightning_ray.monitor.errors import Failure, FailureKind, message_template
 
 ABANDONED = "abandoned"  # the pool gave up on the rollout (leases expired / workers died); not a Failure kind
@@ -72,7 +73,7 @@ class BatchSummary:
         return "\n".join(lines)
 
 
-class FailureRateExceeded(RuntimeError):
+class FailureRateExceeded(RunFault):
     """Too many rollouts of a batch failed: training on what is left would train on garbage."""
 
     def __init__(self, summary: BatchSummary, max_failure_rate: float) -> None:

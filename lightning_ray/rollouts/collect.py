@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from tqdm import tqdm
 
-from lightning_ray.data.schema import GROUP_TABLES, concat_refs
+from lightning_ray.data.schema import GROUP_TABLES, ROLLOUT_SCHEMA, concat_refs
+from lightning_ray.faults import TaskPoolLost, get
 from lightning_ray.monitor.summary import BatchSummary, summarize_batch
+
+if TYPE_CHECKING:
+    from lightning_ray.rollouts.supervisor import RolloutWorkers
 
 
 @dataclass
@@ -25,11 +30,12 @@ class Batch:
     dropped: pa.Table | None = (
         None  # a streamed batch: the calls of the groups the step used up and did not train
     )
+    ended: pa.Table | None = None  # a streamed batch: how each rollout of every group it used up ended
 
 
 def collect_batch(
     pool: Any,
-    workers: list[Any],
+    workers: RolloutWorkers,
     num_tasks: int,
     group_size: int | None = None,
     desc: str = "rollouts",
@@ -38,23 +44,27 @@ def collect_batch(
 ) -> Batch:
     """Start a batch of `num_tasks` tasks (x group size) on the pool, let every worker drain it, and return it.
 
+    A worker that dies is replaced (`RolloutWorkers.check`) and the pool runs its rollouts again elsewhere.
     Tables come back as the object refs the workers reported (`TaskPoolActor.report_group`), concatenated once
     here; each group's tables are the result of all of its rollouts, so they are de-duplicated first.
     """
     t0 = time.perf_counter()
-    batch_id = ray.get(pool.start_batch.remote(num_tasks, group_size))
-    total = ray.get(pool.stats.remote(batch_id))["rollouts"]
-    work = [w.work.remote(batch_id, pool, sampling) for w in workers]
+    timeout = workers.cfg.trainer.stall_timeout_s
+
+    def call(ref: ray.ObjectRef, what: str) -> Any:
+        return get(ref, f"task pool {what}", timeout, lost=TaskPoolLost)
+
+    batch_id = call(pool.start_batch.remote(num_tasks, group_size), "start_batch")
+    total = call(pool.stats.remote(batch_id), "stats")["rollouts"]
+    workers.serve(batch_id, pool, sampling)
     with tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True) as bar:
-        pending = work
-        while pending:
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-            stats = ray.get(pool.stats.remote(batch_id))
+        while not workers.finished(batch_id, timeout_s=0.5):
+            stats = call(pool.stats.remote(batch_id), "stats")
             bar.n = stats["final"]
             bar.set_postfix(ok=stats["succeeded"], failed=stats["final"] - stats["succeeded"], refresh=False)
             bar.refresh()
-    ray.get(work)  # re-raise a worker's crash here
-    records = ray.get(pool.batch_results.remote(batch_id))
+    workers.release(batch_id)  # re-raises a worker's crash that is not its death
+    records = call(pool.batch_results.remote(batch_id), "batch_results")
     groups = {
         tuple(ref.binary() for ref in r.result.values()): r.result
         for r in records
@@ -65,10 +75,35 @@ def collect_batch(
         name: accepted_rows(concat_refs([g[name] for g in groups.values()], schema), accepted)
         for name, schema in GROUP_TABLES.items()
     }
-    ray.get(pool.forget_batch.remote(batch_id))
+    call(pool.forget_batch.remote(batch_id), "forget_batch")
     return Batch(
         tables["transitions"], tables["rollouts"], records, summarize_batch(records), time.perf_counter() - t0
     )
+
+
+def rollout_records(records: list[Any], rollouts: pa.Table) -> pa.Table:
+    """One row per rollout of `records`, how it ended: its row of `rollouts` (status, failure kind, traceback,
+    captured logs) where a worker reported one, else a row made from the pool's record (a rollout whose every
+    attempt died with its worker, or that was abandoned before it ran)."""
+    reported = set(rollouts["rollout_id"].to_pylist())
+    missing = [
+        {
+            "rollout_id": r.rollout_id,
+            "task_id": r.task_id,
+            "group_id": r.group_id,
+            "attempt": r.attempts,
+            "status": r.status,
+            "failure_kind": r.kind,
+            "error_message": json.dumps(r.failure) if r.failure else None,
+            "reward": r.reward,
+            "num_calls": 0,
+            "worker": r.worker_id,
+        }
+        for r in records
+        if r.rollout_id not in reported
+    ]
+    wanted = pc.is_in(rollouts["rollout_id"], pa.array([r.rollout_id for r in records], pa.string()))
+    return pa.concat_tables([rollouts.filter(wanted), pa.Table.from_pylist(missing, schema=ROLLOUT_SCHEMA)])
 
 
 def accepted_rows(table: pa.Table, accepted: dict[str, int]) -> pa.Table:

@@ -21,10 +21,12 @@ class Ledger:
         self.path = path
         self.entered: set[str] = set()
         self.counts: Counter[str] = Counter()  # since the last `take_counts`
+        self.totals: Counter[str] = Counter()  # since this process opened the ledger
         lines = path.read_text().splitlines() if keep_before_version is not None and path.exists() else []
         kept = [line for line in lines if json.loads(line)["version"] < keep_before_version]
         path.write_text("".join(f"{line}\n" for line in kept))
         self.entered.update(json.loads(line)["rollout_id"] for line in kept)
+        self.kept = len(kept)
 
     def trained(self, records: Iterable[Any], version: int) -> None:
         """The rollouts of groups version `version` trained on (those that failed are `failed`)."""
@@ -47,6 +49,7 @@ class Ledger:
             end = outcome if kept else "failed"
             why = reason if end != "failed" else (r.kind or r.status)
             self.counts[f"{end}/{why}" if why else end] += 1
+            self.totals[f"{end}/{why}" if why else end] += 1
             entry = {
                 "rollout_id": r.rollout_id,
                 "group_id": r.group_id,
@@ -64,6 +67,41 @@ class Ledger:
         """Rollouts entered since the last call, by `outcome` or `outcome/reason`."""
         counts, self.counts = dict(self.counts), Counter()
         return counts
+
+
+def accounting(ledger: Ledger, started: int, leases: int) -> dict[str, Any]:
+    """Where the rollouts this process started went: trained, dropped by reason, failed by kind, and `lost`,
+    those that reached none of the three (it must be 0). `started` counts the rollouts of this process's
+    stream, those of complete groups a resume brought back included; `leases`, the attempts handed out."""
+    by: dict[str, dict[str, int]] = {"dropped": {}, "failed": {}}
+    trained = 0
+    for key, n in sorted(ledger.totals.items()):
+        outcome, _, why = key.partition("/")
+        if outcome == "trained":
+            trained += n
+        else:
+            by[outcome][why or "unknown"] = by[outcome].get(why or "unknown", 0) + n
+    ended = sum(ledger.totals.values())
+    return {
+        "started": started,
+        "leases": leases,
+        "trained": trained,
+        "dropped": by["dropped"],
+        "failed": by["failed"],
+        "lost": started - ended,
+        "before_resume": ledger.kept,
+    }
+
+
+def accounting_line(acc: dict[str, Any]) -> str:
+    def parts(d: dict[str, int]) -> str:
+        return ", ".join(f"{k} {n}" for k, n in d.items()) or "none"
+
+    return (
+        f"rollouts: {acc['started']} started ({acc['leases']} leases), {acc['trained']} trained, dropped "
+        f"{sum(acc['dropped'].values())} ({parts(acc['dropped'])}), failed {sum(acc['failed'].values())} "
+        f"({parts(acc['failed'])}), lost {acc['lost']}"
+    )
 
 
 def read_ledger(path: Path) -> list[dict[str, Any]]:

@@ -10,9 +10,10 @@ import ray
 from ray import serve
 
 from lightning_ray.config import Config
+from lightning_ray.faults import first_line
 from lightning_ray.inference.server import APP_NAME, FROZEN_APP_NAME, deploy_inference
 from lightning_ray.models import resolve_model
-from lightning_ray.rollouts.worker import start_rollout_workers
+from lightning_ray.rollouts.supervisor import RolloutWorkers
 from lightning_ray.tasks.actor import task_pool_from_config
 
 STOP_TIMEOUT_S = 60.0  # an agent's teardown and the gateway's shutdown
@@ -30,26 +31,34 @@ def deploy_policies(cfg: Config) -> Any:
     return live
 
 
-def start_rollout_stack(cfg: Config, split: str = "train") -> tuple[Any, Any, list[Any]]:
+def start_rollout_stack(cfg: Config, split: str = "train") -> tuple[Any, Any, RolloutWorkers]:
     """Inference replicas (live, and frozen if configured), the split's TaskPool and the rollout workers, in that
     order; returns the live inference handle, the pool and the workers."""
     inference = deploy_policies(cfg)
     pool = task_pool_from_config(cfg, split=split)
-    workers = start_rollout_workers(cfg, pool)
-    return inference, pool, workers
+    return inference, pool, RolloutWorkers(cfg, pool)
 
 
-def stop_rollout_stack(workers: list[Any], pools: list[Any]) -> None:
-    """Stop the workers (agent teardown, gateway) and the pools; the inference apps (live and frozen, when
-    deployed) go with `serve.delete`. A worker that already died is only logged: there is nothing to stop."""
-    for worker, stopped in zip(workers, [w.stop.remote() for w in workers], strict=True):
+def stop_workers(workers: list[Any]) -> None:
+    """Stop the workers (agent teardown, gateway) and kill them. A worker that already died, or does not stop
+    within `STOP_TIMEOUT_S`, is only logged: there is nothing more to stop."""
+    stops = [w.stop.remote() for w in workers]
+    ray.wait(stops, num_returns=len(stops), timeout=STOP_TIMEOUT_S)
+    for worker, stopped in zip(workers, stops, strict=True):
         try:
-            ray.get(stopped, timeout=STOP_TIMEOUT_S)
+            ray.get(stopped, timeout=0)
         except (ray.exceptions.RayError, TimeoutError) as e:
-            log.warning(
-                "rollout worker %s did not stop cleanly: %s", worker, str(e).splitlines()[0] if str(e) else e
-            )
-    for actor in [*workers, *(p for p in pools if p is not None)]:
-        ray.kill(actor)
+            log.warning("rollout worker %s did not stop cleanly: %s", worker, first_line(e))
+        ray.kill(worker)
+
+
+def stop_rollout_stack(workers: RolloutWorkers | None, pools: list[Any]) -> None:
+    """Stop the workers and the pools; the inference apps (live and frozen, when deployed) go with
+    `serve.delete`."""
+    if workers is not None:
+        workers.stop()
+    for pool in pools:
+        if pool is not None:
+            ray.kill(pool)
     for app in (APP_NAME, FROZEN_APP_NAME):
         serve.delete(app)  # a no-op for an app that is not deployed

@@ -39,9 +39,11 @@ from lightning_ray.algorithms.advantages import ZERO_STD, group_statistics, roll
 from lightning_ray.config import Config
 from lightning_ray.data.merge import select_trained_calls
 from lightning_ray.data.schema import GROUP_TABLES, concat_refs
+from lightning_ray.faults import RunStalled, TaskPoolLost, get
 from lightning_ray.monitor.summary import summarize_batch
-from lightning_ray.rollouts.collect import Batch, accepted_rows
+from lightning_ray.rollouts.collect import Batch, accepted_rows, rollout_records
 from lightning_ray.rollouts.ledger import Ledger
+from lightning_ray.rollouts.supervisor import RolloutWorkers
 from lightning_ray.tasks.records import RolloutRecord
 
 WAIT_S = 1.0  # how long one wait on the pool lasts before the driver tops the stream up again
@@ -89,15 +91,16 @@ def complete_group(entry: dict[str, Any]) -> Group:
 class RolloutStream:
     """The driver's side of the pipeline: tops the pool up, takes complete groups, keeps the ledger."""
 
-    def __init__(self, cfg: Config, pool: Any, workers: list[Any], ledger: Ledger, version: int):
-        self.cfg, self.pool, self.ledger = cfg, pool, ledger
+    def __init__(self, cfg: Config, pool: Any, workers: RolloutWorkers, ledger: Ledger, version: int):
+        self.cfg, self.pool, self.workers, self.ledger = cfg, pool, workers, ledger
         self.batch_size, self.max_staleness = cfg.trainer.tasks_per_step, cfg.trainer.max_staleness
         # Groups beyond the budget would go stale at K = 0 before any step could use them.
         self.extra = math.ceil(cfg.trainer.over_provision * self.batch_size) if self.max_staleness else 0
         self.first_version = version
-        self.batch_id = ray.get(pool.open_batch.remote(cfg.algorithm.group_size))
-        self.work = [w.work.remote(self.batch_id, pool) for w in workers]
+        self.batch_id = self.call(pool.open_batch.remote(cfg.algorithm.group_size), "open_batch")
+        workers.serve(self.batch_id, pool)
         self.started = 0  # groups started, replacements included
+        self.restored_rollouts = 0
         self.replaced = 0  # groups dropped that K >= 1 replaces
         self.ready: deque[Group] = deque()  # complete groups not trained yet (taken from the pool)
         self.requeue: list[
@@ -117,7 +120,7 @@ class RolloutStream:
         if n <= 0:
             return
         again, self.requeue = self.requeue[:n], self.requeue[n:]
-        ray.get(self.pool.add_groups.remote(self.batch_id, n - len(again), again))
+        self.call(self.pool.add_groups.remote(self.batch_id, n - len(again), again), "add_groups")
         self.started += n
 
     def resume(self, ready: list[Group], in_flight: list[str]) -> None:
@@ -125,6 +128,7 @@ class RolloutStream:
         running (they run again; their finished rollouts were not trained)."""
         self.ready.extend(ready)
         self.requeue.extend(in_flight)
+        self.restored_rollouts = sum(len(g.records) for g in ready)  # started before the resume
         self.started += len(ready)  # in the budget like any group; the re-run ones start first in `top_up`
 
     # ------------------------------------------------------------------ batches
@@ -144,8 +148,10 @@ class RolloutStream:
         while len(chosen) < self.batch_size and not (self.max_staleness == 0 and consumed >= self.batch_size):
             if not self.ready:
                 self.top_up(version)
-                self.check_workers()
-                entries = ray.get(self.pool.wait_groups.remote(self.batch_id, self.batch_size, WAIT_S))
+                self.workers.check()
+                entries = self.call(
+                    self.pool.wait_groups.remote(self.batch_id, self.batch_size, WAIT_S), "wait_groups"
+                )
                 self.ready.extend(complete_group(e) for e in entries)
                 continue
             group = self.ready.popleft()
@@ -162,14 +168,13 @@ class RolloutStream:
         batch = self.as_batch(chosen, time.perf_counter() - t0)
         batch.summary = summarize_batch(ended)
         batch.dropped = pa.concat_tables([g.transitions for g in dropped]) if dropped else None
+        used = [g.rollouts for g in chosen + dropped]
+        batch.ended = rollout_records(ended, pa.concat_tables(used) if used else _empty("rollouts"))
         return batch
 
-    def check_workers(self) -> None:
-        """Fail with the cause, rather than wait forever, when no rollout worker is left to run the groups."""
-        stopped, _ = ray.wait(self.work, num_returns=len(self.work), timeout=0)
-        if len(stopped) == len(self.work):
-            causes = [_how_it_ended(ref) for ref in self.work]
-            raise RuntimeError(f"every rollout worker has stopped, so no group can complete: {causes}")
+    def call(self, ref: ray.ObjectRef, what: str) -> Any:
+        """The pool's answer, within the run's deadline; the pool's death is `TaskPoolLost`."""
+        return get(ref, f"task pool {what}", self.cfg.trainer.stall_timeout_s, lost=TaskPoolLost)
 
     def drop_reason(self, group: Group, version: int) -> str | None:
         oldest = group.oldest_version(self.cfg.rollout.train_agents)
@@ -187,7 +192,7 @@ class RolloutStream:
             self.requeue.append(group.task_id)
         if self.max_staleness > 0:
             self.replaced += 1
-        ray.get(self.pool.forget_groups.remote(self.batch_id, [group.group_id]))
+        self.call(self.pool.forget_groups.remote(self.batch_id, [group.group_id]), "forget_groups")
 
     def as_batch(self, groups: list[Group], seconds: float) -> Batch:
         """The chosen groups as one batch (the ledger marks them trained when the loop has trained them)."""
@@ -195,7 +200,9 @@ class RolloutStream:
         transitions = pa.concat_tables([g.transitions for g in groups]) if groups else _empty("transitions")
         rollouts = pa.concat_tables([g.rollouts for g in groups]) if groups else _empty("rollouts")
         if groups:
-            ray.get(self.pool.forget_groups.remote(self.batch_id, [g.group_id for g in groups]))
+            self.call(
+                self.pool.forget_groups.remote(self.batch_id, [g.group_id for g in groups]), "forget_groups"
+            )
         return Batch(transitions, rollouts, records, summarize_batch(records), seconds)
 
     # ------------------------------------------------------------------ checkpoints and the end
@@ -203,7 +210,7 @@ class RolloutStream:
     def save(self, out: Path) -> dict[str, Any]:
         """What `--resume` needs to continue the stream: the complete untrained groups (their tables and
         records, written under `out`) and the task ids of the groups still running (returned, they run again)."""
-        for entry in ray.get(self.pool.wait_groups.remote(self.batch_id, None, 0.0)):
+        for entry in self.call(self.pool.wait_groups.remote(self.batch_id, None, 0.0), "wait_groups"):
             self.ready.append(complete_group(entry))
         out.mkdir(parents=True, exist_ok=True)
         for i, group in enumerate(self.ready):
@@ -211,22 +218,29 @@ class RolloutStream:
                 pq.write_table(getattr(group, name), out / f"group-{i:04d}-{name}.parquet")
         records = [[_plain(r) for r in g.records] for g in self.ready]
         (out / "groups.json").write_text(json.dumps(records))
-        return {"in_flight": ray.get(self.pool.open_groups.remote(self.batch_id)) + list(self.requeue)}
+        return {
+            "in_flight": self.call(self.pool.open_groups.remote(self.batch_id), "open_groups")
+            + list(self.requeue)
+        }
 
     def close(self, version: int) -> None:
         """Stop starting groups, cancel what has not started, let the workers finish what runs, and put every
         rollout that will not be trained in the ledger."""
-        ray.get(self.pool.close_batch.remote(self.batch_id, "run ended"))
-        ray.wait(
-            self.work, num_returns=len(self.work)
-        )  # a worker that died has no result: the pool re-ran its rollouts
-        for entry in ray.get(self.pool.wait_groups.remote(self.batch_id, None, 0.0)):
+        self.call(self.pool.close_batch.remote(self.batch_id, "run ended"), "close_batch")
+        deadline = time.monotonic() + self.cfg.trainer.stall_timeout_s
+        while not self.workers.finished(self.batch_id, timeout_s=WAIT_S):  # the dead are replaced
+            if time.monotonic() > deadline:
+                raise RunStalled(
+                    f"closing the rollout stream: rollouts still running after {self.cfg.trainer.stall_timeout_s:.0f} s"
+                )
+        self.workers.release(self.batch_id)
+        for entry in self.call(self.pool.wait_groups.remote(self.batch_id, None, 0.0), "wait_groups"):
             self.ready.append(complete_group(entry))
         for group in self.ready:
             self.ledger.dropped(group.records, "run_ended", version)
-        left = ray.get(self.pool.batch_results.remote(self.batch_id))
+        left = self.call(self.pool.batch_results.remote(self.batch_id), "batch_results")
         self.ledger.dropped(left, "run_ended", version, unstarted=True)
-        ray.get(self.pool.forget_batch.remote(self.batch_id))
+        self.call(self.pool.forget_batch.remote(self.batch_id), "forget_batch")
 
 
 def load_groups(saved: Path) -> list[Group]:
@@ -239,14 +253,6 @@ def load_groups(saved: Path) -> list[Group]:
         restored = [RolloutRecord(**{**r, "history": tuple(r["history"]), "result": None}) for r in records]
         groups.append(Group(restored[0].group_id, restored[0].task_id, restored, **tables))
     return groups
-
-
-def _how_it_ended(ref: ray.ObjectRef) -> str:
-    """How a worker's `work` call ended, in a few words."""
-    try:
-        return f"returned {ray.get(ref)}"
-    except ray.exceptions.RayError as e:
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def _plain(record: RolloutRecord) -> dict[str, Any]:

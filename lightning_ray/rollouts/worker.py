@@ -1,32 +1,51 @@
 """RolloutWorker: a Ray actor that runs many user rollouts at once, each behind its own gateway route.
 
 One worker = one asyncio loop + one gateway sidecar + the user's agent. It leases rollouts from the TaskPool,
-runs up to `rollout.concurrency` of them concurrently (sync agents in a thread pool), enforces the timeout,
-classifies every ending, and reports each finished group to the pool in one call: its Arrow tables, which the
-TaskPool actor then owns (so a worker that dies after reporting loses nothing), and how each rollout ended.
+runs up to `rollout.concurrency` of them concurrently, enforces the timeout, classifies every ending, and reports
+each finished group to the pool in one call: its Arrow tables, which the TaskPool actor then owns (so a worker
+that dies after reporting loses nothing), and how each rollout ended.
+
+Each rollout's agent runs on a thread of its own (an async agent on a fresh event loop there, see
+`isolation.py`), never on the loop that serves the gateway: an agent that blocks, hangs, exits or leaks threads
+ends its own rollout only. A thread that will not stop is left running and counted (`progress()`); past
+`rollout.max_hung_threads` the worker takes no more work and `work()` raises `HungAgentThreads`, so the driver can replace
+the process (a thread cannot be killed, a process can).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
 
 from lightning_ray.agent import LLM
-from lightning_ray.agent.api import call_agent, load_agent
-from lightning_ray.agent.rewards import EmittedReward, coerce_reward, open_reward_sink, rollout_reward
+from lightning_ray.agent.api import load_agent
+from lightning_ray.agent.rewards import (
+    BadReward,
+    EmittedReward,
+    coerce_reward,
+    open_reward_sink,
+    rollout_reward,
+)
 from lightning_ray.config import Config
 from lightning_ray.data.schema import FinishedRollout, Transition, group_tables
 from lightning_ray.monitor.busy import BusyTime
-from lightning_ray.monitor.errors import classify_outcome
+from lightning_ray.monitor.errors import RETRIED_KINDS, classify_outcome
 from lightning_ray.rollouts import capture
+from lightning_ray.rollouts.isolation import AgentOutcome, AgentThread, LeakedThreads, OutlivingThreads
 from lightning_ray.tasks.records import Lease, RolloutReport
+
+log = logging.getLogger(__name__)
+
+
+class HungAgentThreads(RuntimeError):
+    """Too many agent threads of this worker would not stop: it takes no more work, replace it."""
 
 
 def credit_emitted(transitions: list[Transition], emitted: list[EmittedReward]) -> None:
@@ -49,7 +68,21 @@ def _report_of(r: FinishedRollout) -> RolloutReport:
             "message": r.error_message or "",
             "traceback": r.traceback or "",
         }
-    return RolloutReport(r.rollout_id, r.attempt, r.status, r.failure_kind, r.reward, failure)
+    retry = r.failure_kind in RETRIED_KINDS
+    return RolloutReport(r.rollout_id, r.attempt, r.status, r.failure_kind, r.reward, failure, retry)
+
+
+def _ending(outcome: AgentOutcome) -> tuple[BaseException | None, float | None]:
+    """The exception that decides how the agent's run ended (what it raised, threads it leaked, a reward
+    that is not a finite number), else its validated reward."""
+    if outcome.error is not None:
+        return outcome.error, None
+    if outcome.leaked:
+        return LeakedThreads(outcome.leaked), None
+    try:
+        return None, coerce_reward(outcome.value)
+    except BadReward as e:
+        return e, None
 
 
 def reward_dims(emitted: list[EmittedReward]) -> dict[str, float]:
@@ -69,11 +102,12 @@ class RolloutWorker:
                 sys.path.insert(0, path)
         self.worker_id, self.cfg, self.pool = worker_id, Config.model_validate(cfg), pool
         self.agent = load_agent(self.cfg.rollout.agent)
-        self.executor = ThreadPoolExecutor(
-            max_workers=self.cfg.rollout.concurrency, thread_name_prefix="agent"
-        )
         self.gateway = None
         self.busy = BusyTime()
+        self.outliving = OutlivingThreads()
+        self.open_rollouts: set[str] = set()
+        self.closed_calls = 0  # LLM calls recorded in rollouts that have ended
+        self.rollouts_finished = 0
         capture.install()
 
     async def start(self) -> str:
@@ -82,7 +116,11 @@ class RolloutWorker:
 
         self.gateway = await start_gateway(self.cfg)
         if self.agent.setup is not None:
-            await call_agent(self.agent.setup, executor=self.executor)
+            outcome = await AgentThread(self.agent.setup, name=f"agent-setup-{self.worker_id}").wait()
+            if outcome.error is not None:  # SystemExit included: an agent does not end the actor
+                raise RuntimeError(
+                    f"rollout worker {self.worker_id}: the agent's setup raised {outcome.error!r}"
+                ) from outcome.error
         await self.pool.register_worker.remote(self.worker_id, ray.get_runtime_context().current_actor)
         return self.gateway.url
 
@@ -94,6 +132,23 @@ class RolloutWorker:
         driver takes differences)."""
         return self.busy.seconds()
 
+    @ray.method(concurrency_group="control")
+    def progress(self) -> dict[str, int]:
+        """What this worker got done so far, answered on its own thread even while the worker's loop is busy:
+        LLM calls the gateway recorded, rollouts finished, agent threads hung (left running after their
+        rollout ended). A watchdog tells a stalled worker from a slow one by whether these move."""
+        calls = self.closed_calls
+        for rid in list(self.open_rollouts):
+            try:
+                calls += len(self.gateway.transitions(rid))
+            except KeyError:  # closed meanwhile: counted in closed_calls, or about to be
+                continue
+        return {
+            "calls": calls,
+            "rollouts_finished": self.rollouts_finished,
+            "hung_threads": len(self.outliving.hung()),
+        }
+
     async def work(
         self, batch_id: str, pool: Any = None, sampling: dict[str, Any] | None = None
     ) -> dict[str, int]:
@@ -104,7 +159,8 @@ class RolloutWorker:
         the agents are given (e.g. `{"temperature": 0.0}` for greedy validation).
 
         One lease call is always out while there is room for more rollouts; the pool answers it as soon as work
-        comes in (or the batch is done), so neither an idle nor a busy worker polls.
+        comes in (or the batch is done), so neither an idle nor a busy worker polls. With `rollout.max_hung_threads`
+        agent threads hung, it leases no more, finishes what runs and raises `HungAgentThreads`.
         """
         pool = pool or self.pool
         running: dict[asyncio.Future, Lease] = {}
@@ -115,13 +171,24 @@ class RolloutWorker:
         renew_every = self.cfg.rollout.lease_timeout_s / 3
         next_renew = time.monotonic() + renew_every
         while True:
+            hung = self.outliving.hung()
             free = self.cfg.rollout.concurrency - len(running)
-            if asking is None and free > 0 and not batch_done:
+            if (
+                asking is None
+                and free > 0
+                and not batch_done
+                and len(hung) < self.cfg.rollout.max_hung_threads
+            ):
                 asking = asyncio.ensure_future(
                     pool.lease.remote(self.worker_id, free, wait_s=renew_every, batch_id=batch_id)
                 )
             if batch_done and not running:
                 return counts
+            if not running and asking is None:  # no room for work: too many hung threads
+                raise HungAgentThreads(
+                    f"rollout worker {self.worker_id}: {len(hung)} agent threads would not stop "
+                    f"(limit {self.cfg.rollout.max_hung_threads}): {'; '.join(hung[:8])}"
+                )
             waiting = [*running, *([asking] if asking is not None else [])]
             timeout = max(0.0, next_renew - time.monotonic())
             done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -156,7 +223,29 @@ class RolloutWorker:
 
     async def _run_one(self, lease: Lease, overrides: dict[str, Any]) -> FinishedRollout:
         with self.busy.running():
-            return await self._rollout(lease, overrides)
+            finished = await self._rollout(lease, overrides)
+        self.rollouts_finished += 1
+        return finished
+
+    async def _run_agent(self, rid: str, task: dict, llm: LLM) -> AgentOutcome:
+        """The agent on its own thread, awaited with the rollout timeout (raises TimeoutError). An agent that
+        times out or is cancelled (lease revoked) is asked to stop and its thread watched from then on."""
+        agent = AgentThread(self.agent.rollout, task, llm, name=f"agent-{rid}")
+        try:
+            outcome = await agent.wait(self.cfg.rollout.timeout_s)
+        except BaseException:
+            agent.cancel()
+            self.outliving.add(agent.thread, rid)
+            raise
+        for thread in outcome.leaked:
+            self.outliving.add(thread, rid)
+        return outcome
+
+    def _close(self, rid: str) -> list[Transition]:
+        transitions = self.gateway.close_rollout(rid)
+        self.closed_calls += len(transitions)
+        self.open_rollouts.discard(rid)
+        return transitions
 
     async def _rollout(self, lease: Lease, overrides: dict[str, Any]) -> FinishedRollout:
         rid = lease.rollout_id
@@ -169,6 +258,7 @@ class RolloutWorker:
             **overrides,
         )
         self.gateway.open_rollout(rid)
+        self.open_rollouts.add(rid)
         exception, timed_out, returned = None, False, None
         t0 = time.perf_counter()
 
@@ -178,19 +268,15 @@ class RolloutWorker:
 
         with capture.captured() as output, open_reward_sink(rid, latest_call) as sink:
             try:
-                returned = await asyncio.wait_for(
-                    call_agent(self.agent.rollout, dict(lease.task), llm, executor=self.executor),
-                    timeout=self.cfg.rollout.timeout_s,
-                )
-                returned = coerce_reward(returned)
+                outcome = await self._run_agent(rid, dict(lease.task), llm)
             except TimeoutError as e:
                 exception, timed_out = e, True
             except asyncio.CancelledError:
-                self.gateway.close_rollout(rid)  # lease revoked: the rollout runs elsewhere now
+                self._close(rid)  # lease revoked: the rollout runs elsewhere now
                 raise
-            except Exception as e:
-                exception = e
-        transitions = self.gateway.close_rollout(rid)
+            else:
+                exception, returned = _ending(outcome)
+        transitions = self._close(rid)
         emitted = sink.rewards
         credit_emitted(transitions, emitted)
         reward = None if exception is not None else rollout_reward(returned, emitted)
@@ -221,16 +307,27 @@ class RolloutWorker:
         )
 
     async def stop(self) -> None:
+        """Run the agent's teardown (on its own thread, within `rollout.timeout_s`), then stop the gateway."""
         if self.agent.teardown is not None:
-            await call_agent(self.agent.teardown, executor=self.executor)
+            teardown = AgentThread(self.agent.teardown, name=f"agent-teardown-{self.worker_id}")
+            try:
+                outcome = await teardown.wait(self.cfg.rollout.timeout_s)
+            except TimeoutError:
+                teardown.cancel()
+                log.warning("rollout worker %s: the agent's teardown did not finish", self.worker_id)
+            else:
+                if outcome.error is not None:
+                    log.warning(
+                        "rollout worker %s: the agent's teardown raised %r", self.worker_id, outcome.error
+                    )
         if self.gateway is not None:
             await self.gateway.stop()
-        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def start_rollout_workers(cfg: Config, pool: Any, prefix: str = "rollout-worker") -> list[Any]:
     """Start `rollout.num_workers` workers (fractional CPUs) and wait until each gateway is up."""
-    actor = ray.remote(RolloutWorker)
+    # progress() runs in the "control" group: a thread and loop of its own, free while the worker's loop is busy
+    actor = ray.remote(concurrency_groups={"control": 1})(RolloutWorker)
     pythonpath = [os.getcwd()] + ([os.path.dirname(cfg.source)] if cfg.source else [])
     workers = [
         actor.options(

@@ -293,6 +293,7 @@ class LeaseQueue(ABC):
                 reward=r.reward,
                 failure=r.failure,
                 result=result,
+                retry=r.retry,
             )
             for r in reports
         ]

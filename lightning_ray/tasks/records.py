@@ -53,6 +53,7 @@ class RolloutReport:
     kind: str | None = None
     reward: float | None = None
     failure: dict[str, Any] | None = None
+    retry: bool = False  # a failure that was not the agent's doing (`RETRIED_KINDS`): run it again
 
 
 @dataclass(frozen=True)

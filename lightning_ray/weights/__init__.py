@@ -16,6 +16,10 @@ rank, on the 2-core development box (median of 5, `benchmarks/results/weight_syn
 * `ipc` (`ipc.py`): rank 0 packs the tensors into a few buffers and hands out handles to them (CUDA IPC on
   a GPU, shared-memory files on the host); nothing is copied on the way.
 
+Every sync also publishes `(version, state ref)` in the app's registry (`registry.py`), which a replica that
+Serve restarts or adds loads before it takes traffic; a replica lost during a sync is waited for and brought
+to the new version (`recovery.py`).
+
 `base.py` says what a path is (a `Sender` in learner rank 0, a `Receiver` in each vLLM worker, the driver's
 `sync`); `senders.py` and `receiver.py` host them in the learner and in vLLM. Adding a path means one new
 module that ends with `PATH = WeightPath(...)`, and its line in `PATHS` below.
@@ -23,15 +27,23 @@ module that ends with `PATH = WeightPath(...)`, and its line in `PATHS` below.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
-from lightning_ray.weights import collective, ipc, object_store
+from ray.exceptions import RayError
+from ray.serve.exceptions import RayServeException
+
+from lightning_ray.faults import first_line
+from lightning_ray.weights import collective, ipc, object_store, registry
 from lightning_ray.weights.base import Backend, SyncContext, WeightPath
+from lightning_ray.weights.recovery import converge, update_lost
 
 if TYPE_CHECKING:
     from lightning_ray.config import Config, InferenceConfig, LearnerConfig
     from lightning_ray.learner.group import LearnerGroup
 
+REPLICA_FAILURES = (RayError, RayServeException)
+log = logging.getLogger(__name__)
 PATHS: dict[str, WeightPath] = {
     object_store.NAME: object_store.PATH,
     collective.NAME: collective.PATH,
@@ -52,8 +64,24 @@ def sync_context(learners: LearnerGroup, replicas: Any, cfg: Config) -> SyncCont
 
 def sync_weights(learners: LearnerGroup, replicas: Any, version: int, cfg: Config) -> list[dict[str, Any]]:
     """Bring every replica of `replicas` (the inference deployment's handle) to the learners' current weights,
-    serving `version` afterwards. Returns one result per replica (`path` says how its weights travelled)."""
-    return PATHS[cfg.inference.weight_sync].sync(sync_context(learners, replicas, cfg), version)
+    serving `version` afterwards. Returns one result per replica (`path` says how its weights travelled).
+
+    The weights are also published in the app's registry (the object store path's own ref; a copy for the
+    other paths), so a replica Serve restarts loads them before it takes traffic. A replica lost during the
+    update is waited for (up to `inference.weight_sync_timeout_s`) and brought to `version`; otherwise a
+    `WeightSyncError` names it (`recovery.converge`)."""
+    ctx = sync_context(learners, replicas, cfg)
+    try:
+        results = PATHS[cfg.inference.weight_sync].sync(ctx, version)
+    except REPLICA_FAILURES as err:
+        if not update_lost(err):
+            raise
+        log.warning("a replica was lost while syncing weights of version %d: %s", version, first_line(err))
+        results = []
+    published = registry.current(replicas.app_name)
+    if published is None or published.version != version:
+        registry.publish(replicas.app_name, version, ctx.send(object_store.NAME, {}))
+    return converge(replicas, version, ctx.timeout_s, results)
 
 
 def close_weight_sync(learners: LearnerGroup, replicas: Any, cfg: Config) -> None:

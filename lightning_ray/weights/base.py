@@ -147,7 +147,10 @@ class SyncContext:
         return self.on_replicas(InferenceServer.weight_status, path, self.backend, timeout_s=self.timeout_s)
 
     def update(self, path: str, payload: Any, version: int) -> list[dict[str, Any]]:
-        return update_replicas(self.replicas, path, payload, version, DRIVER_TIMEOUTS * self.timeout_s)
+        """Every live replica loads the update; one lost on the way is left out (see `recovery.converge`)."""
+        from lightning_ray.weights.recovery import update_surviving
+
+        return update_surviving(self.replicas, path, payload, version, DRIVER_TIMEOUTS * self.timeout_s)
 
     # Learner rank 0 holds the senders; every rank takes part in a send (the gathers are collective under ZeRO-3).
 
@@ -155,22 +158,30 @@ class SyncContext:
     def rank0(self) -> Any:
         return self.learners.workers[0]
 
+    def on_rank0(self, method: str, *args: Any) -> Any:
+        """One call on learner rank 0; its death or the deadline is the group's `LearnerFailed`."""
+        ref = getattr(self.rank0, method).remote(*args)
+        return self.learners.wait(method, [ref], self.timeout_s)[0]
+
     def learner_status(self, path: str) -> dict[str, Any]:
         """Rank 0's Ray node, its GPU under `backend`, and the path's state."""
-        return ray.get(self.rank0.weights_status.remote(path, self.backend), timeout=self.timeout_s)
+        return self.on_rank0("weights_status", path, self.backend)
 
     def prepare(self, path: str, request: dict[str, Any]) -> Any:
-        return ray.get(self.rank0.prepare_weights.remote(path, self.backend, request), timeout=self.timeout_s)
+        return self.on_rank0("prepare_weights", path, self.backend, request)
 
     def start_send(self, path: str, request: dict[str, Any]) -> list[ray.ObjectRef]:
         """Every rank gathers, rank 0 sends; rank 0's ref resolves to the sender's result."""
         return [w.send_weights.remote(path, self.backend, request) for w in self.learners.workers]
 
     def send(self, path: str, request: dict[str, Any]) -> Any:
-        return ray.get(self.start_send(path, request), timeout=DRIVER_TIMEOUTS * self.timeout_s)[0]
+        """A dead rank stops the group (`LearnerFailed`) rather than leave the others in a collective."""
+        return self.learners.wait(
+            "send_weights", self.start_send(path, request), DRIVER_TIMEOUTS * self.timeout_s
+        )[0]
 
     def release(self, path: str) -> None:
-        ray.get(self.rank0.release_weights.remote(path), timeout=self.timeout_s)
+        self.on_rank0("release_weights", path)
 
     def close(self) -> None:
         """Every side leaves what its paths hold open (best effort: a side that is gone has left already)."""
@@ -189,13 +200,23 @@ class SyncContext:
 
 
 def update_replicas(
-    replicas: DeploymentHandle, path: str, payload: Any, version: int, timeout_s: float | None = None
-) -> list[dict[str, Any]]:
-    """Every replica loads `payload` of `path` behind its drain gate and serves `version` afterwards."""
+    replicas: DeploymentHandle,
+    path: str,
+    payload: Any,
+    version: int,
+    timeout_s: float | None = None,
+    *,
+    if_older: bool = False,
+    return_exceptions: bool = False,
+) -> list[Any]:
+    """Every replica loads `payload` of `path` behind its drain gate and serves `version` afterwards (with
+    `if_older`, only those serving an older version; the others answer `skipped`). With `return_exceptions`
+    a replica's failure is its entry in the list instead of raised."""
     from lightning_ray.inference.server import InferenceServer
 
-    response = replicas.broadcast(InferenceServer.update_weights.__name__, path, payload, version)
-    return [{**r, "path": path} for r in response.results(timeout_s=timeout_s)]
+    response = replicas.broadcast(InferenceServer.update_weights.__name__, path, payload, version, if_older)
+    results = response.results(timeout_s=timeout_s, return_exceptions=return_exceptions)
+    return [r if isinstance(r, BaseException) else {**r, "path": path} for r in results]
 
 
 def worker_slots(replicas: list[dict[str, Any]]) -> dict[str, int]:

@@ -19,7 +19,8 @@ import ray
 import torch
 from safetensors.torch import load_file, save_file
 
-from lightning_ray.weights.base import Receiver, Sender, SyncContext, Tensors, WeightPath, update_replicas
+from lightning_ray.weights import registry
+from lightning_ray.weights.base import Receiver, Sender, SyncContext, Tensors, WeightPath
 
 NAME = "object_store"
 
@@ -46,13 +47,24 @@ async def stage(payload: dict[str, Any], tag: str) -> AsyncIterator[str]:
 
 
 def sync(ctx: SyncContext, version: int) -> list[dict[str, Any]]:
-    return ctx.update(NAME, {"state": [ctx.send(NAME, {})]}, version)
+    """Rank 0 puts the state once; it is published (a replica starting from now on loads it), then loaded."""
+    state = ctx.send(NAME, {})
+    registry.publish(ctx.replicas.app_name, version, state)
+    return ctx.update(NAME, {"state": [state]}, version)
 
 
-def push_state(replicas: Any, state: ray.ObjectRef, version: int) -> list[dict[str, Any]]:
+def push_state(
+    replicas: Any, state: ray.ObjectRef, version: int, timeout_s: float = 300.0
+) -> list[dict[str, Any]]:
     """Bring every replica of the deployment handle `replicas` to the state dict behind `state` (one object,
-    no per-replica copy): also for a state that did not come from the learners (a test's, a restore's)."""
-    return update_replicas(replicas, NAME, {"state": [state]}, version)
+    no per-replica copy): also for a state that did not come from the learners (a test's, a restore's). It is
+    published first, and a replica lost on the way is replaced and brought to it (`recovery.converge`)."""
+    from lightning_ray.weights.recovery import converge, update_surviving
+
+    registry.publish(replicas.app_name, version, state)
+    return converge(
+        replicas, version, timeout_s, update_surviving(replicas, NAME, {"state": [state]}, version, None)
+    )
 
 
 def shm_dir() -> Path:

@@ -8,6 +8,7 @@ import pytest
 import ray
 
 from lightning_ray.rollouts.collect import collect_batch
+from lightning_ray.rollouts.supervisor import RolloutWorkers
 from lightning_ray.rollouts.worker import start_rollout_workers
 from lightning_ray.tasks.actor import task_pool_from_config
 
@@ -46,11 +47,12 @@ def stop(workers, pool):
 def test_every_ending_is_classified_and_recorded(inference, tiny_config, tmp_path):
     cfg = config(tiny_config, tmp_path, "tests.agents:scripted_agent", MODES)
     pool = task_pool_from_config(cfg, name="pool-endings")
-    workers = start_rollout_workers(cfg, pool, prefix="endings")
+    workers = RolloutWorkers(cfg, pool, prefix="endings")
     try:
         batch = collect_batch(pool, workers, len(MODES), progress=False)
     finally:
-        stop(workers, pool)
+        workers.stop()
+        ray.kill(pool)
     summary = batch.summary
     assert summary.num_rollouts == 12
     assert summary.by_status == {"succeeded": 6, "failed": 4, "timed_out": 2}
@@ -84,11 +86,12 @@ def test_every_ending_is_classified_and_recorded(inference, tiny_config, tmp_pat
 def test_sync_agent_runs_in_threads(inference, tiny_config, tmp_path):
     cfg = config(tiny_config, tmp_path, "tests.agents:sync_agent", ["ok"] * 3, num_workers=1)
     pool = task_pool_from_config(cfg, name="pool-sync")
-    workers = start_rollout_workers(cfg, pool, prefix="sync")
+    workers = RolloutWorkers(cfg, pool, prefix="sync")
     try:
         batch = collect_batch(pool, workers, 3, progress=False)
     finally:
-        stop(workers, pool)
+        workers.stop()
+        ray.kill(pool)
     assert batch.summary.success_rate == 1.0
     assert batch.transitions.num_rows == 6
     assert all("sync agent got" in log for log in batch.rollouts["logs"].to_pylist())

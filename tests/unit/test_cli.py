@@ -80,3 +80,32 @@ def test_faked_broken_environment_stops_serve_before_ray(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "protobuf 5.29.6 is older than 7.36.1" in err and "./install.sh" in err
     assert started == []
+
+
+def test_resume_checks_the_run_directory_before_anything_starts(tmp_path, monkeypatch, capsys):
+    """`train --resume` prints what it resumes from, or fails naming the folder, before `train` (and Ray)
+    starts; `train` itself is replaced by a recorder, since only what happens before it is under test."""
+    from lightning_ray import loop
+    from tests.unit.test_checkpoints import fake_checkpoint, run_dir_with_config
+
+    started: list[str | None] = []
+    monkeypatch.setattr(loop, "train", lambda cfg, resume: started.append(resume))
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", CALC, "--resume", str(run_dir)]) == 2
+    assert f"error: --resume {run_dir}: no such directory" in capsys.readouterr().err
+
+    run_dir.mkdir()
+    assert cli.main(["train", CALC, "--resume", str(run_dir)]) == 2
+    assert "no config.yaml, so it is not a lightning-ray run directory" in capsys.readouterr().err
+    run_dir_with_config(run_dir)
+    assert cli.main(["train", CALC, "--resume", str(run_dir)]) == 2
+    assert f"--resume {run_dir}: no complete checkpoint under" in capsys.readouterr().err
+    assert started == []
+
+    fake_checkpoint(run_dir, 3, groups=1)
+    fake_checkpoint(run_dir, 4, complete=False)
+    assert cli.main(["train", CALC, "--resume", str(run_dir), "trainer.steps=5"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming {run_dir} from step-000003 (step 3): 1 saved complete groups" in out
+    assert "skipped step-000004: no lightning_ray_checkpoint.json" in out
+    assert started == [str(run_dir)]

@@ -1,0 +1,49 @@
+"""The faults that stop a training run, each with a name, and the one way the driver waits on an actor.
+
+Every fault below ends the run with its cause in the message; the last complete checkpoint resumes it
+(`lightning-ray train CONFIG --resume RUN_DIR`). The driver never waits without a deadline: `get` bounds each
+wait and turns the death of the actor it waits on into the fault named for that actor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RunFault(RuntimeError):
+    """A fault that stopped the run; what stopped it is in the message."""
+
+
+class RunStalled(RunFault):
+    """Nothing progressed for `trainer.stall_timeout_s`, or one wait of the driver outlasted it."""
+
+
+class TaskPoolLost(RunFault):
+    """The task pool actor died: the leases it held are gone with it, so the run stops and resumes from the
+    last checkpoint, which holds the pool's data position."""
+
+
+class WorkersExhausted(RunFault):
+    """Rollout workers kept dying: `rollout.max_worker_restarts` replacements were used up."""
+
+
+def first_line(err: BaseException) -> str:
+    """The error's type and the first line of its message (at most 300 characters)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def get(refs: Any, what: str, timeout_s: float, lost: type[RunFault] | None = None) -> Any:
+    """`ray.get(refs)` that waits at most `timeout_s` (RunStalled naming `what` after that) and, given `lost`,
+    raises it when the actor behind `refs` died."""
+    import ray  # here: the faults are imported where Ray is not (the CLI's checks before it starts)
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except GetTimeoutError:
+        raise RunStalled(f"{what}: no answer within {timeout_s:.0f} s (trainer.stall_timeout_s)") from None
+    except RayActorError as e:
+        if lost is None:
+            raise
+        raise lost(f"{what}: the actor died ({first_line(e)})") from e
