@@ -1,4 +1,4 @@
-"""Agents that break what runs them, for the fault tests of whole runs (tests/integration/test_run_faults.py)."""
+"""Agents that break what runs them, for the fault tests of whole runs (tests/integration/test_train_faults.py)."""
 
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ from lightning_ray.agent.rewards import (
 )
 from lightning_ray.config import Config
 from lightning_ray.data.schema import FinishedRollout, Transition, group_tables
+from lightning_ray.faults import get
 from lightning_ray.monitor.busy import BusyTime
 from lightning_ray.monitor.errors import RETRIED_KINDS, classify_outcome
 from lightning_ray.rollouts import capture
@@ -325,7 +326,8 @@ class RolloutWorker:
 
 
 def start_rollout_workers(cfg: Config, pool: Any, prefix: str = "rollout-worker") -> list[Any]:
-    """Start `rollout.num_workers` workers (fractional CPUs) and wait until each gateway is up."""
+    """Start `rollout.num_workers` workers (fractional CPUs) and wait until each gateway is up (at most
+    `trainer.stall_timeout_s`: an agent's setup that hangs is `RunStalled`, not a silent wait)."""
     # progress() runs in the "control" group: a thread and loop of its own, free while the worker's loop is busy
     actor = ray.remote(concurrency_groups={"control": 1})(RolloutWorker)
     pythonpath = [os.getcwd()] + ([os.path.dirname(cfg.source)] if cfg.source else [])
@@ -337,5 +339,6 @@ def start_rollout_workers(cfg: Config, pool: Any, prefix: str = "rollout-worker"
         ).remote(f"{prefix}-{i}-{os.urandom(3).hex()}", cfg.model_dump(), pool, pythonpath)
         for i in range(cfg.rollout.num_workers)
     ]
-    ray.get([w.start.remote() for w in workers])
+    starts = [w.start.remote() for w in workers]
+    get(starts, "rollout workers' start (gateway, agent setup)", cfg.trainer.stall_timeout_s)
     return workers

@@ -78,6 +78,7 @@ def own_rollout_stack(inference, tiny_model_dir, tiny_config):
     deploy_inference(tiny_model_dir, tiny_config.model, tiny_config.inference)
 
 
+@pytest.mark.slow  # CI time: covered by a faster test of the same part
 def test_frozen_checker_through_the_rollout_stack(own_rollout_stack, tiny_config, tiny_model_dir):
     """As the train loop runs it: the stack deploys the frozen app, a broadcast moves only the live policy on,
     the checker's calls stay at policy version 0, and stopping the stack deletes both apps."""

@@ -153,6 +153,7 @@ def test_killed_replica_restarts_on_published_weights_and_resends_the_call_in_fl
     push_state(replica, ray.put(original), version + 1)
 
 
+@pytest.mark.slow  # CI time: covered by a faster test of the same part
 def test_update_sent_to_a_dead_replica_finishes_on_its_replacement(replica, original):
     """The replica dies just before an update reaches it: the update waits for Serve's replacement, which
     starts on the published weights; every replica then serves the new version."""

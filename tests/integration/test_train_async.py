@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 import ray
 from test_train_loop import loop_config
 
@@ -73,7 +74,8 @@ def test_synchronous_k0_trains_only_current_policy_tokens(inference, tiny_config
     run_dir = run_dir_of(tmp_path)
     for step in (1, 2, 3):
         assert set(trained_versions(run_dir, step)) <= {step - 1}
-        assert rows[step]["staleness/tokens_behind_0"] == 1.0
+        if trained_versions(run_dir, step).size:  # every group of a step may have had zero variance
+            assert rows[step]["staleness/tokens_behind_0"] == 1.0
     assert_every_rollout_ends_once(run_dir, 3, cfg.trainer.tasks_per_step, cfg.trainer.max_staleness)
 
 
@@ -92,6 +94,7 @@ def test_k1_never_trains_a_token_older_than_one_version(inference, tiny_config, 
     assert rows[4]["time/inference_busy_frac"] > 0 and rows[4]["time/agents_busy_frac"] > 0
 
 
+@pytest.mark.slow  # CI time: covered by a faster test of the same part
 def test_k1_run_goes_on_when_a_rollout_worker_dies(inference, tiny_config, tmp_path):
     cfg = async_config(tiny_config, tmp_path, steps=3, staleness=1)
     cfg.rollout.num_workers = 2

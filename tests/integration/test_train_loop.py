@@ -81,7 +81,15 @@ def test_train_step_on_merged_multi_turn_rollouts(inference, tiny_config, tmp_pa
     assert row["learner/tokens"] == generated
 
 
-@pytest.mark.parametrize("name", ["calc_openai_agents", "calc_langgraph", "calc_autogen"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "calc_openai_agents",
+        # CI time: the other frameworks' rollouts run in CI (test_frameworks.py); their training here is slow
+        pytest.param("calc_langgraph", marks=pytest.mark.slow),
+        pytest.param("calc_autogen", marks=pytest.mark.slow),
+    ],
+)
 def test_framework_config_trains(name, inference, tiny_config, tmp_path):
     """Each framework example's own config (`configs/<name>.yaml`), on the tiny model, through one GRPO step:
     the framework's calls are recorded, trained on, and the step's checkpoint loads in transformers."""

@@ -1,5 +1,8 @@
 """Faults of whole training runs on the real stack with the tiny model: each ends in a named state, the run goes on
-or resumes, and the run's summary proves that no rollout was lost."""
+or resumes, and the run's summary proves that no rollout was lost.
+
+Like the other `test_train_*` files it runs after the tests that share the session's inference app: `train` deletes
+the app when it stops the rollout stack."""
 
 from __future__ import annotations
 
