@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+# Start-up (workers' gateways and agent setup, DeepSpeed engines) may take this long whatever the stall window: a
+# backstop on waits that a slow but healthy start must not trip.
+STARTUP_DEADLINE_S = 600.0
+
 
 class RunFault(RuntimeError):
     """A fault that stopped the run; what stopped it is in the message."""

@@ -29,7 +29,7 @@ from lightning_ray.checkpoints import (
 from lightning_ray.config import Config
 from lightning_ray.data.merge import merge_prefix_turns, select_trained_calls
 from lightning_ray.data.schema import write_parquet
-from lightning_ray.faults import TaskPoolLost, first_line, get
+from lightning_ray.faults import STARTUP_DEADLINE_S, TaskPoolLost, first_line, get
 from lightning_ray.learner.group import LearnerGroup
 from lightning_ray.models import resolve_model
 from lightning_ray.monitor.busy import BusyClock
@@ -58,15 +58,37 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
     init_ray(cfg)
     run_dir = Path(resume) if resume else new_run_dir(cfg, "train")
     inference, pool, workers = start_rollout_stack(cfg, "train")
-    val_pool = task_pool_from_config(cfg, "val") if cfg.data.val and cfg.trainer.val_every else None
-    learners = LearnerGroup(
-        cfg.learner,
-        resolve_model(cfg.model.path),
-        seed=cfg.trainer.seed,
-        timeout_s=cfg.trainer.stall_timeout_s,
-        max_bad_steps=cfg.trainer.max_bad_steps,
-    )
-    log = RunLog(cfg, run_dir, resume=resume is not None)
+    val_pool = learners = None
+    try:  # whatever fails from here on, the stack started above is stopped
+        val_pool = task_pool_from_config(cfg, "val") if cfg.data.val and cfg.trainer.val_every else None
+        learners = LearnerGroup(
+            cfg.learner,
+            resolve_model(cfg.model.path),
+            seed=cfg.trainer.seed,
+            timeout_s=max(STARTUP_DEADLINE_S, cfg.trainer.stall_timeout_s),
+            max_bad_steps=cfg.trainer.max_bad_steps,
+        )
+        log = RunLog(cfg, run_dir, resume=resume is not None)
+        run(cfg, plan, run_dir, inference, pool, workers, val_pool, learners, log)
+    finally:
+        if learners is not None:
+            learners.shutdown()
+        stop_rollout_stack(workers, [pool, val_pool])
+    return log.rows
+
+
+def run(
+    cfg: Config,
+    plan: ResumePlan | None,
+    run_dir: Path,
+    inference: Any,
+    pool: Any,
+    workers: RolloutWorkers,
+    val_pool: Any,
+    learners: LearnerGroup,
+    log: RunLog,
+) -> None:
+    """The run under the watchdog: restore or validate, then the steps; RUN_DIR/summary.json however it ends."""
     watchdog = Watchdog(run_dir, cfg.trainer.stall_timeout_s, progress_probes(workers, [pool, val_pool]))
     stream, end = None, {"status": "stopped", "cause": None, "steps_done": 0}
     print(f"run directory: {run_dir}")
@@ -75,9 +97,9 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
             start, (ready, in_flight) = (
                 restore(cfg, plan, learners, pool, inference) if plan else (0, ([], []))
             )
-            if not resume and val_pool is not None:
+            if plan is None and val_pool is not None:
                 log.log(0, validate(cfg, val_pool, workers))
-            ledger = Ledger(run_dir / "ledger.jsonl", keep_before_version=start if resume else None)
+            ledger = Ledger(run_dir / "ledger.jsonl", keep_before_version=start if plan else None)
             stream = RolloutStream(cfg, pool, workers, ledger, version=start)
             stream.resume(ready, in_flight)
             run_steps(cfg, start, run_dir, stream, learners, inference, val_pool, log, watchdog)
@@ -89,9 +111,6 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
         end["steps_done"] = end["steps_done"] or (log.rows[-1]["step"] if log.rows else 0)
         write_summary(run_dir, end, stream, pool, workers)
         log.close()
-        learners.shutdown()
-        stop_rollout_stack(workers, [pool, val_pool])
-    return log.rows
 
 
 def run_steps(

@@ -36,7 +36,11 @@ def start_rollout_stack(cfg: Config, split: str = "train") -> tuple[Any, Any, Ro
     order; returns the live inference handle, the pool and the workers."""
     inference = deploy_policies(cfg)
     pool = task_pool_from_config(cfg, split=split)
-    return inference, pool, RolloutWorkers(cfg, pool)
+    try:
+        return inference, pool, RolloutWorkers(cfg, pool)
+    except BaseException:
+        ray.kill(pool)  # a named actor: it must not outlive a failed start
+        raise
 
 
 def stop_workers(workers: list[Any]) -> None:

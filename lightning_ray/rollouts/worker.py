@@ -35,7 +35,7 @@ from lightning_ray.agent.rewards import (
 )
 from lightning_ray.config import Config
 from lightning_ray.data.schema import FinishedRollout, Transition, group_tables
-from lightning_ray.faults import get
+from lightning_ray.faults import STARTUP_DEADLINE_S, get
 from lightning_ray.monitor.busy import BusyTime
 from lightning_ray.monitor.errors import RETRIED_KINDS, classify_outcome
 from lightning_ray.rollouts import capture
@@ -327,7 +327,8 @@ class RolloutWorker:
 
 def start_rollout_workers(cfg: Config, pool: Any, prefix: str = "rollout-worker") -> list[Any]:
     """Start `rollout.num_workers` workers (fractional CPUs) and wait until each gateway is up (at most
-    `trainer.stall_timeout_s`: an agent's setup that hangs is `RunStalled`, not a silent wait)."""
+    `trainer.stall_timeout_s`, and at least `STARTUP_DEADLINE_S`: an agent's setup that hangs is `RunStalled`,
+    not a silent wait)."""
     # progress() runs in the "control" group: a thread and loop of its own, free while the worker's loop is busy
     actor = ray.remote(concurrency_groups={"control": 1})(RolloutWorker)
     pythonpath = [os.getcwd()] + ([os.path.dirname(cfg.source)] if cfg.source else [])
@@ -340,5 +341,14 @@ def start_rollout_workers(cfg: Config, pool: Any, prefix: str = "rollout-worker"
         for i in range(cfg.rollout.num_workers)
     ]
     starts = [w.start.remote() for w in workers]
-    get(starts, "rollout workers' start (gateway, agent setup)", cfg.trainer.stall_timeout_s)
+    try:
+        get(
+            starts,
+            "rollout workers' start (gateway, agent setup)",
+            max(STARTUP_DEADLINE_S, cfg.trainer.stall_timeout_s),
+        )
+    except BaseException:
+        for worker in workers:  # named actors: they must not outlive a failed start
+            ray.kill(worker)
+        raise
     return workers
