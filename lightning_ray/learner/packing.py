@@ -55,7 +55,9 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 def sorted_rows(seqs: list[np.ndarray]) -> tuple[list[int], list[int]]:
     """Rows in lexicographic token order, and each one's common prefix with the row before it (0 for the first)."""
     order = sorted(range(len(seqs)), key=lambda i: seqs[i].tolist())
-    shared = [0] + [common_prefix(seqs[a], seqs[b]) for a, b in zip(order, order[1:], strict=False)]
+    shared = [0] * bool(order) + [
+        common_prefix(seqs[a], seqs[b]) for a, b in zip(order, order[1:], strict=False)
+    ]
     return order, shared
 
 

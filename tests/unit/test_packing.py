@@ -175,3 +175,8 @@ def test_budget_split_and_padding_batch():
     empty = padding_batch(0, packed=True)
     logp, _ = forward_logprobs(tiny_llama(), empty)
     assert float(logp.abs().sum()) == 0.0
+
+
+def test_an_empty_shard_has_no_micro_batches():
+    """A learner rank gets no rows when a batch has fewer groups than ranks."""
+    assert split_by_tokens([], 16) == []
