@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -45,6 +46,22 @@ def assert_nothing_lost(run_dir: Path) -> dict:
     assert ended == acc["started"] > 0
     assert len(read_ledger(run_dir / "ledger.jsonl")) == ended + acc["before_resume"]
     return acc
+
+
+def kill_when_present(root: Path, pattern: str, kill: Callable[[], None], poll_s: float) -> threading.Thread:
+    """A thread that calls `kill` once a file matching `pattern` appears under `root` (at most 300 s)."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if list(root.glob(pattern)):
+                kill()
+                return
+            time.sleep(poll_s)
+
+    killer = threading.Thread(target=watch, daemon=True)
+    killer.start()
+    return killer
 
 
 def test_a_killed_rollout_worker_is_replaced_and_its_rollouts_run_elsewhere(inference, tiny_config, tmp_path):
@@ -104,17 +121,12 @@ def test_a_killed_task_pool_stops_the_run_named_and_resume_continues(inference, 
     cfg = loop_config(tiny_config, tmp_path, steps=3)
     cfg.trainer.val_every = 0
 
-    def kill_the_pool_after_the_first_checkpoint() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            runs = list((tmp_path / "runs" / "loop").glob("*/checkpoints/step-000001/*.json"))
-            if runs:
-                ray.kill(ray.get_actor("lightning_ray.task_pool.train"))
-                return
-            time.sleep(0.2)
-
-    killer = threading.Thread(target=kill_the_pool_after_the_first_checkpoint, daemon=True)
-    killer.start()
+    killer = kill_when_present(
+        tmp_path / "runs" / "loop",
+        "*/checkpoints/step-000001/*.json",
+        lambda: ray.kill(ray.get_actor("lightning_ray.task_pool.train")),
+        poll_s=0.2,
+    )
     with pytest.raises(TaskPoolLost, match="task pool"):
         train(cfg)
     killer.join()
@@ -191,17 +203,13 @@ def test_a_learner_rank_killed_mid_run_stops_named_and_resume_continues(inferenc
     cfg.trainer.val_every = 0
     cfg.learner.num_workers, cfg.learner.num_cpus_per_worker = 2, 0.25
 
-    def kill_rank_1_when_step_2_trains() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if list((tmp_path / "runs" / "loop").glob("*/trajectories/step-000002.parquet")):
-                [pid] = [a["pid"] for a in live_actors() if a["class"] == "LearnerWorker"][1:2]
-                os.kill(pid, signal.SIGKILL)
-                return
-            time.sleep(0.05)
+    def kill_rank_1() -> None:
+        [pid] = [a["pid"] for a in live_actors() if a["class"] == "LearnerWorker"][1:2]
+        os.kill(pid, signal.SIGKILL)
 
-    killer = threading.Thread(target=kill_rank_1_when_step_2_trains, daemon=True)
-    killer.start()
+    killer = kill_when_present(
+        tmp_path / "runs" / "loop", "*/trajectories/step-000002.parquet", kill_rank_1, 0.05
+    )
     with pytest.raises(LearnerFailed, match="learner rank"):
         train(cfg)
     killer.join()
