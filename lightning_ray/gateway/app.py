@@ -79,7 +79,7 @@ def create_app(
         _require_open(state, rollout_id)
         req = _validate(ChatCompletionRequest, await read_json(request, max_request_bytes))
         if req.tools:
-            await asyncio.to_thread(load_parser_class, state.tool_parser)  # first use imports vLLM's parsers
+            await _load_tool_parser(state.tool_parser)
         call = prepare_chat(state, rollout_id, role, req)
         return await _respond(
             state, call, ChatFormatter(call, state.tokenizer), req.stream, req.include_usage()
@@ -224,6 +224,15 @@ async def _events(
             deltas.cancel()
 
 
+async def _load_tool_parser(name: str) -> None:
+    """Import the configured tool parser (the first use imports vLLM's parsers, off the event loop); a request
+    with tools on a gateway whose parser vLLM does not know is refused, naming it."""
+    try:
+        await asyncio.to_thread(load_parser_class, name)
+    except ValueError as err:
+        raise GatewayError(400, f"tools cannot be used on this gateway: {err}", param="tools") from None
+
+
 def _route(request: Request) -> tuple[str, str | None]:
     return request.path_params["rollout_id"], request.path_params.get("role")
 
@@ -259,6 +268,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         message = "no such route" if err.status_code == 404 else str(err.detail)
         return JSONResponse(GatewayError(err.status_code, message).body(), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, err: Exception) -> JSONResponse:
+        """A bug, not the request's fault: still an OpenAI-style JSON body, never a bare text page."""
+        body = GatewayError(500, f"internal gateway error: {type(err).__name__}").body()
+        return JSONResponse(body, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def request_error(request: Request, err: RequestValidationError) -> JSONResponse:

@@ -47,6 +47,7 @@ class TextPart(_Request):
 class ChatMessage(_Request):
     role: str
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
     @field_validator("content", mode="before")
     @classmethod
