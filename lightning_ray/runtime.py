@@ -9,7 +9,7 @@ from pathlib import Path
 import ray
 import yaml
 
-from lightning_ray.config import Config
+from lightning_ray.config import Config, public_dump
 from lightning_ray.resources import check_resources
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,10 @@ def _pythonpath() -> str:
 
 
 def new_run_dir(cfg: Config, kind: str) -> Path:
-    """runs/<name>/<kind>-<timestamp>/ with the resolved config beside the outputs."""
+    """runs/<name>/<kind>-<timestamp>/ with the resolved config beside the outputs (secrets masked)."""
     import time
 
     path = Path(cfg.trainer.run_dir) / cfg.trainer.name / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    (path / "config.yaml").write_text(yaml.safe_dump(public_dump(cfg), sort_keys=False))
     return path

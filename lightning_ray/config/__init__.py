@@ -49,6 +49,7 @@ __all__ = [
     "apply_override",
     "is_loopback",
     "load_config",
+    "public_dump",
     "resolve_path",
 ]
 
@@ -93,6 +94,13 @@ class Config(Section):
                 "proximal policy)"
             )
         return self
+
+
+def public_dump(cfg: Config) -> dict[str, Any]:
+    """The config as plain data with every secret masked (`SecretStr` fields such as `gateway.auth_token`
+    become '**********'): what may be written to the run directory, wandb or a log. A secret never has to be
+    written anywhere: the gateway takes it from the YAML or an override, `WANDB_API_KEY` from the environment."""
+    return cfg.model_dump(mode="json")
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 
 def is_loopback(host: str) -> bool:
@@ -119,14 +119,22 @@ class InferenceConfig(Section):
 class GatewayConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0 picks a free port.")
-    auth_token: str | None = Field(None, description="Required when host is not loopback.")
+    auth_token: SecretStr | None = Field(
+        None,
+        description="Required when host is not loopback. A secret: shown as '**********' in the run directory's "
+        "config.yaml, wandb and logs (`lightning_ray.config.public_dump`); read it with `token()`.",
+    )
     max_request_bytes: int = Field(4 * 1024 * 1024, gt=0)
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> GatewayConfig:
-        if not is_loopback(self.host) and not self.auth_token:
+        if not is_loopback(self.host) and not self.token():
             raise ValueError(f"host={self.host!r} is not loopback: set gateway.auth_token")
         return self
+
+    def token(self) -> str | None:
+        """The bearer token in clear, for the gateway and its clients only; None when unset or empty."""
+        return self.auth_token.get_secret_value() or None if self.auth_token is not None else None
 
 
 class RolloutConfig(Section):

@@ -56,7 +56,7 @@ class Gateway:
 
     url: str
     state: GatewayState
-    auth_token: str | None
+    auth_token: str | None = field(repr=False)
     _server: _Server
     _task: asyncio.Task
     _thread: threading.Thread | None = field(default=None, repr=False)
@@ -133,7 +133,8 @@ async def start_gateway(
     gw_cfg, sampling, chat_template = _settings(config, sampling, chat_template)
     if tool_parser is None and isinstance(config, Config):
         tool_parser = config.model.tool_parser
-    if not is_loopback(gw_cfg.host) and not gw_cfg.auth_token:
+    token = gw_cfg.token()
+    if not is_loopback(gw_cfg.host) and not token:
         raise ValueError(f"gateway.host={gw_cfg.host!r} is not loopback: set gateway.auth_token")
     frozen_agents = config.rollout.frozen_agents if isinstance(config, Config) else []
     retries = config.inference.request_retries if isinstance(config, Config) else DEFAULT_RETRIES
@@ -157,7 +158,7 @@ async def start_gateway(
     app = create_app(
         state,
         public_url=url,
-        auth_token=gw_cfg.auth_token,
+        auth_token=token,
         max_request_bytes=gw_cfg.max_request_bytes,
         manage_rollouts=manage_rollouts,
     )
@@ -178,7 +179,7 @@ async def start_gateway(
             task.result()
             raise RuntimeError("the gateway stopped while starting")
         await asyncio.sleep(0.01)
-    return Gateway(url=url, state=state, auth_token=gw_cfg.auth_token, _server=server, _task=task)
+    return Gateway(url=url, state=state, auth_token=token, _server=server, _task=task)
 
 
 def start_gateway_thread(*args: Any, **kwargs: Any) -> Gateway:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_ray.checkpoints import resume_plan
-from lightning_ray.config import Config
+from lightning_ray.config import Config, public_dump
 from lightning_ray.faults import RunFault
 
 CURVES = [
@@ -64,7 +64,7 @@ class RunLog:
                 name=f"{cfg.trainer.name}-{run_dir.name}",
                 dir=str(run_dir),
                 mode=cfg.logging.wandb_mode,
-                config=cfg.model_dump(),
+                config=public_dump(cfg),  # secrets masked
                 resume="allow" if resume else None,
                 id=run_dir.name.replace(".", "-"),
             )

@@ -20,6 +20,13 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 
 MAX_CHARS = 64_000
+MASK = "**********"
+
+
+def masked(text: str | None, secret: str | None) -> str | None:
+    """`text` with every occurrence of `secret` (the gateway's bearer token, which an agent may print or an
+    HTTP error may echo) replaced by `MASK`, before it is kept in the run directory."""
+    return text.replace(secret, MASK) if text and secret else text
 
 
 class CappedBuffer:

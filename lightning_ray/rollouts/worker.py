@@ -278,6 +278,7 @@ class RolloutWorker:
             else:
                 exception, returned = _ending(outcome)
         transitions = self._close(rid)
+        secret = self.cfg.gateway.token()
         emitted = sink.rewards
         credit_emitted(transitions, emitted)
         reward = None if exception is not None else rollout_reward(returned, emitted)
@@ -300,11 +301,11 @@ class RolloutWorker:
             reward_dims=reward_dims(emitted),
             failure_kind=failure.kind if failure else None,
             error_type=failure.exc_type if failure else None,
-            error_message=failure.message if failure else None,
-            traceback=failure.traceback if failure else None,
+            error_message=capture.masked(failure.message, secret) if failure else None,
+            traceback=capture.masked(failure.traceback, secret) if failure else None,
             duration_s=time.perf_counter() - t0,
             worker=self.worker_id,
-            logs=output.getvalue(),
+            logs=capture.masked(output.getvalue(), secret),
         )
 
     async def stop(self) -> None:

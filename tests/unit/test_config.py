@@ -79,7 +79,7 @@ def test_non_loopback_gateway_needs_a_token(tmp_path):
     with pytest.raises(ConfigError, match="gateway.auth_token"):
         load_config(write(tmp_path, "gateway: {host: 0.0.0.0}\n"), check_files=False)
     cfg = load_config(write(tmp_path, "gateway: {host: 0.0.0.0, auth_token: s3cret}\n"), check_files=False)
-    assert cfg.gateway.auth_token == "s3cret"
+    assert cfg.gateway.token() == "s3cret"
 
 
 def test_more_gpus_than_the_cluster_fails_before_start(tmp_path):
