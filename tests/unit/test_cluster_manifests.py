@@ -1,0 +1,54 @@
+"""The cluster recipes expose nothing unauthenticated: the launcher's dashboard (and Jobs API) binds loopback on
+the head and every node runs Ray with token authentication; the KubeRay job turns on token auth and keeps the
+head's Service inside the cluster."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def ray_starts(commands: list[str]) -> list[str]:
+    return [c for c in commands if re.search(r"\bray start\b", c)]
+
+
+def test_launcher_dashboard_on_loopback_and_token_auth_everywhere():
+    cfg = load("ray-cluster.yaml")
+    head, workers = ray_starts(cfg["head_start_ray_commands"]), ray_starts(cfg["worker_start_ray_commands"])
+    assert head and workers
+    for cmd in head:
+        host = re.search(r"--dashboard-host[= ](\S+)", cmd)
+        assert host is not None and host.group(1) in ("127.0.0.1", "localhost"), cmd
+        assert "--include-dashboard=false" not in cmd  # the Jobs API lives in the dashboard
+    for cmd in head + workers:
+        assert re.search(r"\bRAY_AUTH_MODE=token\b", cmd), f"ray start without token auth: {cmd}"
+    # every node gets the token file that `ray get-auth-token --generate` wrote on the user's machine
+    assert "~/.ray/auth_token" in cfg.get("file_mounts", {})
+    assert "RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265" in (
+        CLUSTER / "ray-cluster.yaml"
+    ).read_text().replace("\\\n", "")
+
+
+def test_kuberay_job_needs_a_token_and_stays_in_the_cluster():
+    job = load("kuberay-rayjob.yaml")
+    assert job["kind"] == "RayJob"
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["authOptions"]["mode"] == "token"
+    major, minor, *_ = (int(p) for p in spec["rayVersion"].split("."))
+    assert (major, minor) >= (2, 52), "Ray token authentication needs Ray >= 2.52"
+    head = spec["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP"
+    assert not head.get("enableIngress", False)
+    for group in [head, *spec["workerGroupSpecs"]]:
+        env = [e for c in group["template"]["spec"]["containers"] for e in c.get("env", [])]
+        assert not any(e["name"] == "RAY_AUTH_MODE" and e.get("value") != "token" for e in env)
+        assert not any(e["name"] == "RAY_AUTH_TOKEN" and "value" in e for e in env), "a token in the manifest"
+    assert "lightning-ray train" in job["spec"]["entrypoint"]
