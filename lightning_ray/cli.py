@@ -29,7 +29,11 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides, before or after the options")
         return p
 
-    command("check", "validate a config file (and that it fits this machine or ray.address)")
+    command(
+        "check",
+        "validate a config file: its fields, the dataset splits, the agent, the chat template and tool parser, "
+        "and that it fits this machine or ray.address",
+    )
     command("serve", "start the inference service and the OpenAI-compatible gateway, print the URL")
     rollout = command("rollout", "run the dataset through the agent once and summarise")
     rollout.add_argument("--limit", type=int, default=None, help="only the first N tasks")
@@ -57,8 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def cmd_check(cfg: Config) -> None:
+    """The YAML was validated on loading; then what a run needs (`lightning_ray.preflight`) and the cluster."""
+    from lightning_ray.preflight import preflight
     from lightning_ray.runtime import local_resources
 
+    for line in preflight(cfg):
+        print(f"  {line}")
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         from lightning_ray.runtime import init_ray
 

@@ -15,7 +15,9 @@ def is_loopback(host: str) -> bool:
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown keys and non-finite numbers (`.nan`, `.inf`) are errors naming the field."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):

@@ -128,7 +128,7 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 
 def test_cli_check_exit_codes(tmp_path):
-    good = write(tmp_path, "data: {train: null}\n".replace("null", str(tmp_path / "run.yaml")))
+    good = write(tmp_path, f"data: {{train: {REPO / 'examples/calc/data/train.jsonl'}}}\n")
     run = subprocess.run(
         [sys.executable, "-m", "lightning_ray.cli", "check", str(good), "data.val=null", "ray.num_cpus=4"],
         capture_output=True,
