@@ -1,4 +1,4 @@
-"""`lightning-ray check|serve|rollout|train CONFIG [key.sub=value ...]`.
+"""`lightning-ray check|serve|rollout|train CONFIG [key.sub=value ...]`, `lightning-ray view RUN_DIR`.
 
 Overrides may come before, between or after the options (`rollout x.yaml --limit 8 trainer.steps=3`).
 """
@@ -40,6 +40,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     rollout.add_argument("--split", choices=["train", "val"], default="train")
     train = command("train", "train the agent with GRPO")
     train.add_argument("--resume", default=None, help="run directory to continue from its last checkpoint")
+    view = commands["view"] = sub.add_parser("view", help="serve the live run page of a run directory")
+    view.add_argument("run_dir", help="a run directory (runs/<name>/<run>), during the run or after it")
+    view.add_argument("--host", default="127.0.0.1", help="bind address; other than loopback needs a token")
+    view.add_argument("--port", type=int, default=8266, help="0 takes a free port")
+    view.add_argument(
+        "--token", default=None, help="require this token (generated when --host is not loopback)"
+    )
     return parser, commands
 
 
@@ -51,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     exits with an error naming it."""
     parser, commands = _parser()
     args, rest = parser.parse_known_args(argv)
+    if args.command == "view":  # a run directory, no config and no overrides
+        if rest:
+            commands["view"].error(f"unrecognized arguments: {' '.join(rest)}")
+        return args
     words = [*args.overrides, *rest]
     if flags := [w for w in words if w.startswith("-")]:
         commands[args.command].error(f"unrecognized arguments: {' '.join(flags)}")
@@ -92,8 +103,29 @@ def cmd_serve(cfg: Config) -> None:
         serve.shutdown()
 
 
+def cmd_view(run_dir: str, host: str, port: int, token: str | None) -> None:
+    """Serve the run page until Ctrl-C."""
+    from lightning_ray.view.app import start_view
+
+    page = start_view(run_dir, host, port, token)
+    print(f"run page of {run_dir}: {page.url}", flush=True)
+    try:
+        page.thread.join()
+    finally:
+        page.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "view":
+        try:
+            cmd_view(args.run_dir, args.host, args.port, args.token)
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
+        return 0
     try:
         cfg = load_config(args.config, args.overrides)
         check_environment()

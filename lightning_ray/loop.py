@@ -45,6 +45,7 @@ from lightning_ray.rollouts.stream import Group, RolloutStream, load_groups
 from lightning_ray.rollouts.supervisor import RolloutWorkers
 from lightning_ray.runtime import init_ray, new_run_dir
 from lightning_ray.tasks.actor import task_pool_from_config
+from lightning_ray.view.app import start_view
 from lightning_ray.weights import sync_weights
 
 
@@ -92,6 +93,9 @@ def run(
     watchdog = Watchdog(run_dir, cfg.trainer.stall_timeout_s, progress_probes(workers, [pool, val_pool]))
     stream, end = None, {"status": "stopped", "cause": None, "steps_done": 0}
     print(f"run directory: {run_dir}")
+    page = start_view(run_dir, cfg.logging.view_host, cfg.logging.view_port) if cfg.logging.view else None
+    if page is not None:
+        print(f"run page: {page.url}", flush=True)
     try:
         with watchdog.watching():
             start, (ready, in_flight) = (
@@ -111,6 +115,8 @@ def run(
         end["steps_done"] = end["steps_done"] or (log.rows[-1]["step"] if log.rows else 0)
         write_summary(run_dir, end, stream, pool, workers)
         log.close()
+        if page is not None:
+            page.stop()
 
 
 def run_steps(

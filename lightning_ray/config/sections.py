@@ -251,6 +251,13 @@ class LoggingConfig(Section):
     wandb_project: str = "lightning-ray"
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     report: bool = True
+    view: bool = Field(
+        True, description="`train` serves the live run page (`lightning-ray view`) beside the run."
+    )
+    view_host: str = Field(
+        "127.0.0.1", description="Where the run page binds; elsewhere it requires a token."
+    )
+    view_port: int = Field(0, ge=0, le=65535, description="0 takes a free port.")
 
 
 class RayConfig(Section):

@@ -24,6 +24,7 @@ from typing import Any
 from lightning_ray.checkpoints import resume_plan
 from lightning_ray.config import Config, public_dump
 from lightning_ray.faults import RunFault
+from lightning_ray.monitor.wandb_table import trajectory_table
 
 CURVES = [
     ("rollout/reward_mean", "train reward (mean)"),
@@ -75,6 +76,9 @@ class RunLog:
         append_row(self.path, row)
         if self.wandb is not None:
             self.wandb.log(row, step=step)
+            table = trajectory_table(self.run_dir, step) if any(k.startswith("val/") for k in row) else None
+            if table is not None:
+                self.wandb.log({"trajectories": table}, step=step)
 
     def close(self) -> None:
         if self.cfg.logging.report:
