@@ -221,12 +221,24 @@ def resume_plan(run_dir: str | Path) -> ResumePlan:
     for path in reversed(checkpoint_folders(run_dir)):
         problem = checkpoint_problem(path)
         if problem is None:
+            _refuse_unsafe(run_dir, path)
             return _plan(run_dir, path, skipped)
         skipped.append((path, problem))
     found = "; ".join(f"{p.name}: {why}" for p, why in skipped) or "none"
     raise ResumeError(
         f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'} (folders found: {found})"
     )
+
+
+def _refuse_unsafe(run_dir: Path, path: Path) -> None:
+    """`--resume` loads only safetensors and weights-only pickles: `ResumeError` naming each other file."""
+    from lightning_ray.safe_pickle import unsafe_files
+
+    if problems := unsafe_files(path):
+        raise ResumeError(
+            f"--resume {run_dir}: {path.name} holds files that are not safe to load:\n  "
+            + "\n  ".join(problems)
+        )
 
 
 def _plan(run_dir: Path, path: Path, skipped: list[tuple[Path, str]]) -> ResumePlan:

@@ -30,6 +30,7 @@ from lightning_ray.checkpoints import (
     read_marker,
 )
 from lightning_ray.config import LearnerConfig
+from lightning_ray.safe_pickle import weights_only_load
 
 if TYPE_CHECKING:  # torch is imported by the learner, not by the CLI's checks of a run directory
     import torch
@@ -190,8 +191,8 @@ def _raise_if_any_failed(out: Path, rank: int, failure: str | None) -> None:
 def load_checkpoint(
     engine: Any, path: str | Path, cfg: LearnerConfig, world_size: int
 ) -> tuple[dict[str, Any], int]:
-    """Restore weights and optimizer from `save_checkpoint`'s folder. Collective.
-    Returns the marker (with the caller's `extra`) and the optimizer step count to resume from."""
+    """Restore weights and optimizer from `save_checkpoint`'s folder, unpickling weights and plain data only
+    (`lightning_ray.safe_pickle`). Collective. Returns the marker (with the caller's `extra`) and the optimizer step count to resume from."""
     marker = read_marker(path)
     if marker["zero_stage"] != cfg.zero_stage or (cfg.zero_stage > 0 and marker["world_size"] != world_size):
         raise ValueError(
@@ -199,12 +200,17 @@ def load_checkpoint(
             f"resume with the same learner.zero_stage and learner.num_workers "
             f"(now {cfg.zero_stage} and {world_size})"
         )
-    load_path, client = engine.load_checkpoint(
-        str(Path(path) / ENGINE_DIR),
-        tag=ENGINE_TAG,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-    )
+    writer = engine.checkpoint_engine
+    writer.load = weights_only_load  # DeepSpeed's own load unpickles anything (weights_only=False)
+    try:
+        load_path, client = engine.load_checkpoint(
+            str(Path(path) / ENGINE_DIR),
+            tag=ENGINE_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+    finally:
+        del writer.load  # back to the class's method
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the engine state under {path}/{ENGINE_DIR}")
     optimizer_steps = int((client or {}).get("optimizer_steps", marker.get("optimizer_steps", 0)))
