@@ -1,14 +1,5 @@
 """Tool schemas shared by the gateway's tool-call tests."""
 
-CALC_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "calculator",
-        "description": "Evaluate an arithmetic expression.",
-        "parameters": {
-            "type": "object",
-            "properties": {"expression": {"type": "string"}},
-            "required": ["expression"],
-        },
-    },
-}
+from lightning_ray.preflight import SAMPLE_TOOL as CALC_TOOL  # the calculator `lightning-ray check` renders
+
+__all__ = ["CALC_TOOL"]
