@@ -33,7 +33,7 @@ from lightning_ray.faults import STARTUP_DEADLINE_S, TaskPoolLost, first_line, g
 from lightning_ray.learner.group import LearnerGroup
 from lightning_ray.models import resolve_model
 from lightning_ray.monitor.busy import BusyClock
-from lightning_ray.monitor.metrics import record_batch_metrics
+from lightning_ray.monitor.metrics import record_batch_metrics, record_step_metrics
 from lightning_ray.monitor.run_log import RunLog, step_line
 from lightning_ray.monitor.staleness import staleness_metrics
 from lightning_ray.monitor.summary import check_failure_rate
@@ -177,6 +177,7 @@ def run_steps(
             watchdog.beat()
         metrics["time/step_s"] = time.perf_counter() - t0
         metrics.update(busy_metrics(clock, metrics))
+        record_step_metrics(step, metrics, run=cfg.trainer.name)
         log.log(step, metrics)
         print(step_line(step, cfg.trainer.steps, metrics), flush=True)
     stream.close(version + 1)
@@ -258,6 +259,7 @@ def rollout_metrics(batch: Batch) -> dict[str, Any]:
         "rollout/reward_std": s.reward_std,
         "rollout/rollouts": s.num_rollouts,
         "rollout/llm_calls": batch.transitions.num_rows,
+        "rollout/tokens": pc.sum(pc.list_value_length(batch.transitions["response_ids"])).as_py() or 0,
     }
     out.update({f"rollout/failures/{k}": n for k, n in s.failures_by_kind.items()})
     if batch.transitions.num_rows:

@@ -27,7 +27,7 @@ from fastapi.templating import Jinja2Templates
 from lightning_ray.config.sections import is_loopback
 from lightning_ray.monitor.errors import FailureKind
 from lightning_ray.monitor.summary import ABANDONED
-from lightning_ray.view.calls import call_views, group_rows, run_config, run_tokenizer
+from lightning_ray.view.calls import call_views, group_rows, run_config, run_model_path, run_tokenizer
 from lightning_ray.view.charts import charts
 from lightning_ray.view.run_data import Filters, RunData
 
@@ -149,8 +149,8 @@ def create_app(run_dir: str | Path, token: str | None = None) -> FastAPI:
         row = data.rollout_row(step, rollout_id, attempt)
         if row is None:
             raise HTTPException(404, f"no rollout {rollout_id} (attempt {attempt}) at step {step}")
-        cfg = run_config(data.run_dir)
-        tokenizer = run_tokenizer(cfg.model.path) if cfg is not None else None
+        model_path = run_model_path(data.run_dir)
+        tokenizer = run_tokenizer(model_path) if model_path is not None else None
         calls = call_views(data.calls(step, rollout_id, attempt), tokenizer)
         return render(
             request, "rollout.html", step=step, rollout=row, calls=calls, decoded=tokenizer is not None

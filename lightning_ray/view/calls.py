@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import yaml
 
 from lightning_ray.algorithms.advantages import compute_advantages
 from lightning_ray.config import Config, ConfigError, load_config
@@ -71,6 +72,14 @@ def run_config(run_dir: Path) -> Config | None:
         return None
 
 
+def run_model_path(run_dir: Path) -> str | None:
+    """`model.path` of the run's config.yaml, read without validating the rest (a run of another version)."""
+    try:
+        return str(yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["path"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+
+
 @functools.cache
 def run_tokenizer(model_path: str) -> Any | None:
     """The tokenizer of `model.path`, or None when it cannot be found here."""
@@ -113,7 +122,7 @@ def _turns(tokenizer: Any | None, ids: list[int], shared: int) -> list[Turn]:
     text = decode(tokenizer, ids, skip_special_tokens=False)
     old_chars = len(decode(tokenizer, ids[:shared], skip_special_tokens=False)) if shared else 0
     turns = [
-        Turn(m.group(1), m.group(2), new=m.end() > old_chars, tool_results=TOOL_RESPONSE.findall(m.group(2)))
+        Turn(m.group(1), m.group(2), new=m.end(2) > old_chars, tool_results=TOOL_RESPONSE.findall(m.group(2)))
         for m in TURN.finditer(text)
     ]
     return turns or [Turn("prompt", text, new=True)]
