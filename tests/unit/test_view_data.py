@@ -118,3 +118,15 @@ def test_100k_calls_stay_responsive(tmp_path):
     )
     assert len(calls) == 2 and summary.failures_by_kind == {"timeout": 1000}
     assert t2 - t1 < 1.0 and t3 - t2 < 1.0 and t4 - t3 < 2.0 and t1 - t0 < 20.0
+
+
+def test_the_wandb_table_samples_a_steps_rollouts(tmp_path):
+    from lightning_ray.monitor.wandb_table import COLUMNS, sampled_rollouts, trajectory_table
+
+    write_step(tmp_path, 1, [rollout(1, i) for i in range(16)])
+    rows = sampled_rollouts(tmp_path, 1)
+    assert len(rows) == 8 and len({r[3] for r in rows}) == 4  # spread over the step's 4 groups
+    step, task, rollout_id, *_, calls, responses = rows[0]
+    assert (step, calls) == (1, 2) and responses.endswith(f"answer 1-{rollout_id.split('x')[1]}-1")
+    assert sampled_rollouts(tmp_path, 2) == [] and trajectory_table(tmp_path, 2) is None
+    assert trajectory_table(tmp_path, 1).columns == COLUMNS
