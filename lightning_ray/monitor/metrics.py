@@ -14,66 +14,50 @@ from lightning_ray.monitor.summary import BatchSummary
 _metrics: dict[str, Any] = {}
 
 
+# name -> (Ray metric name without its `lightning_ray_` prefix, description, tag keys besides `run`)
+COUNTERS = {
+    "rollouts": ("rollouts", "Finished rollouts by final status.", ("status",)),
+    "failures": ("rollout_failures", "Failed rollouts by kind.", ("kind",)),
+    "batches": ("batches", "Rollout batches summarised.", ()),
+}
+GAUGES = {
+    "success_rate": ("batch_success_rate", "Success rate of the last batch.", ()),
+    "failure_rate": ("batch_failure_rate", "Failure rate of the last batch.", ()),
+    "reward_mean": ("batch_reward_mean", "Mean reward of the last batch.", ()),
+    "reward_std": ("batch_reward_std", "Reward std of the last batch.", ()),
+    "step": ("step", "The last GRPO step done.", ()),
+    "step_seconds": (
+        "step_seconds",
+        "Seconds the last step spent in each part (rollout, learner, sync; step: the whole).",
+        ("part",),
+    ),
+    "tokens_per_s": (
+        "rollout_tokens_per_second",
+        "Generated tokens of the last step's rollouts per second of its rollout phase.",
+        (),
+    ),
+    "staleness": (
+        "staleness",
+        "Policy versions the last step's trained tokens lagged (mean, max).",
+        ("stat",),
+    ),
+    "policy_version": (
+        "policy_version",
+        "The policy version every inference replica serves after the last step's sync.",
+        (),
+    ),
+}
+
+
 def _get_metrics() -> dict[str, Any]:
     if not _metrics:
         from ray.util.metrics import Counter, Gauge
 
-        _metrics.update(
-            rollouts=Counter(
-                "lightning_ray_rollouts",
-                description="Finished rollouts by final status.",
-                tag_keys=("run", "status"),
-            ),
-            failures=Counter(
-                "lightning_ray_rollout_failures",
-                description="Failed rollouts by kind.",
-                tag_keys=("run", "kind"),
-            ),
-            batches=Counter(
-                "lightning_ray_batches", description="Rollout batches summarised.", tag_keys=("run",)
-            ),
-            success_rate=Gauge(
-                "lightning_ray_batch_success_rate",
-                description="Success rate of the last batch.",
-                tag_keys=("run",),
-            ),
-            failure_rate=Gauge(
-                "lightning_ray_batch_failure_rate",
-                description="Failure rate of the last batch.",
-                tag_keys=("run",),
-            ),
-            reward_mean=Gauge(
-                "lightning_ray_batch_reward_mean",
-                description="Mean reward of the last batch.",
-                tag_keys=("run",),
-            ),
-            reward_std=Gauge(
-                "lightning_ray_batch_reward_std",
-                description="Reward std of the last batch.",
-                tag_keys=("run",),
-            ),
-            step=Gauge("lightning_ray_step", description="The last GRPO step done.", tag_keys=("run",)),
-            step_seconds=Gauge(
-                "lightning_ray_step_seconds",
-                description="Seconds the last step spent in each part (rollout, learner, sync, step: the whole).",
-                tag_keys=("run", "part"),
-            ),
-            tokens_per_s=Gauge(
-                "lightning_ray_rollout_tokens_per_second",
-                description="Generated tokens of the last step's rollouts per second of its rollout phase.",
-                tag_keys=("run",),
-            ),
-            staleness=Gauge(
-                "lightning_ray_staleness",
-                description="Policy versions the last step's trained tokens lagged (mean and max).",
-                tag_keys=("run", "stat"),
-            ),
-            policy_version=Gauge(
-                "lightning_ray_policy_version",
-                description="The policy version every inference replica serves after the last step's sync.",
-                tag_keys=("run",),
-            ),
-        )
+        for kind, specs in ((Counter, COUNTERS), (Gauge, GAUGES)):
+            for key, (name, description, tags) in specs.items():
+                _metrics[key] = kind(
+                    f"lightning_ray_{name}", description=description, tag_keys=("run", *tags)
+                )
     return _metrics
 
 
