@@ -28,11 +28,10 @@ def main(run_dir: str, out: str = "benchmarks/results") -> None:
             expect(page.locator("body[data-ready='1']")).to_have_count(1, timeout=60_000)
             page.wait_for_timeout(1000)
             page.screenshot(path=out_dir / "view_curves.png")
-            # a rollout that used the calculator and was rewarded, else the first one
+            # the rollout with the highest reward (the first of them)
             rows = page.locator("#rollout-table tr[data-open]")
-            best = max(
-                range(rows.count()), key=lambda i: float(rows.nth(i).locator("td").nth(2).inner_text() or 0)
-            )
+            rewards = [float(r) for r in rows.evaluate_all("rs => rs.map(r => r.dataset.reward)")]
+            best = rewards.index(max(rewards))
             rows.nth(best).click()
             detail = page.locator("#rollout-detail")
             expect(detail).to_have_count(1, timeout=60_000)

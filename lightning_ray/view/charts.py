@@ -25,7 +25,7 @@ LINES = {
         ],
     ),
     "busy": (
-        "Busy fraction of each part (the rest is idle, waiting on another part)",
+        "Busy fraction per part (the rest: idle, waiting)",
         [
             ("time/inference_busy_frac", "inference"),
             ("time/agents_busy_frac", "agents"),
@@ -71,8 +71,12 @@ def _layout(fig: go.Figure, title: str, **kw: Any) -> go.Figure:
         template="plotly_white",
         **kw,
     )
-    fig.update_xaxes(title_text="step")
+    fig.update_xaxes(title_text="step", tick0=0, dtick=max(1, -(-_last_step(fig) // 10)))
     return fig
+
+
+def _last_step(fig: go.Figure) -> int:
+    return int(max((max(t.x) for t in fig.data if t.x is not None and len(t.x)), default=1))
 
 
 def line_chart(rows: list[dict[str, Any]], title: str, keys: list[tuple[str, str]]) -> go.Figure:
