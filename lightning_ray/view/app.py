@@ -139,7 +139,6 @@ def create_app(run_dir: str | Path, token: str | None = None) -> FastAPI:
             request,
             "rollouts.html",
             page=page,
-            kinds=data.failure_kinds(),
             roles=data.roles(),
             took_ms=(time.perf_counter() - t0) * 1000,
         )

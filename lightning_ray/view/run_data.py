@@ -169,9 +169,6 @@ class RunData:
         roles = pc.unique(self.index()["roles"]).to_pylist()
         return sorted({r for fenced in roles if fenced for r in fenced.strip(",").split(",") if r})
 
-    def failure_kinds(self) -> list[str]:
-        return sorted(k for k in pc.unique(self.index()["failure_kind"]).to_pylist() if k)
-
     # ---- one rollout -------------------------------------------------------------------------------------
 
     def rollout_row(self, step: int, rollout_id: str, attempt: int) -> dict[str, Any] | None:
