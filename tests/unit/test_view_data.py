@@ -130,3 +130,28 @@ def test_the_wandb_table_samples_a_steps_rollouts(tmp_path):
     assert (step, calls) == (1, 2) and responses.endswith(f"answer 1-{rollout_id.split('x')[1]}-1")
     assert sampled_rollouts(tmp_path, 2) == [] and trajectory_table(tmp_path, 2) is None
     assert trajectory_table(tmp_path, 1).columns == COLUMNS
+
+
+def test_the_view_command_line(tmp_path, capsys):
+    from lightning_ray.cli import main, parse_args
+
+    args = parse_args(["view", str(tmp_path), "--host", "0.0.0.0", "--port", "0"])
+    assert (args.command, args.run_dir, args.host, args.port, args.token) == (
+        "view",
+        str(tmp_path),
+        "0.0.0.0",
+        0,
+        None,
+    )
+    assert main(["view", str(tmp_path / "missing")]) == 2
+    assert "missing does not exist" in capsys.readouterr().err
+
+
+def test_a_page_bound_beyond_loopback_gets_a_token():
+    from lightning_ray.view.app import page_url, view_token
+
+    assert view_token("127.0.0.1", None) is None and view_token("::1", None) is None
+    token = view_token("0.0.0.0", None)
+    assert token and len(token) >= 16 and view_token("0.0.0.0", "mine") == "mine"
+    assert page_url("127.0.0.1", 8266, None) == "http://127.0.0.1:8266/"
+    assert page_url("10.0.0.5", 8266, "t") == "http://10.0.0.5:8266/?token=t"
