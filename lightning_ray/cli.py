@@ -14,7 +14,6 @@ from lightning_ray.checkpoints import ResumeError, resume_plan
 from lightning_ray.config import Config, ConfigError, load_config
 from lightning_ray.environment import BrokenEnvironment, check_environment
 from lightning_ray.faults import RunFault
-from lightning_ray.resources import check_resources
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -74,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def cmd_check(cfg: Config) -> None:
     """The YAML was validated on loading; then what a run needs (`lightning_ray.preflight`) and the cluster."""
     from lightning_ray.preflight import preflight
-    from lightning_ray.runtime import local_resources
+    from lightning_ray.runtime import check_local
 
     for line in preflight(cfg):
         print(f"  {line}")
@@ -83,7 +82,7 @@ def cmd_check(cfg: Config) -> None:
 
         init_ray(cfg)
     else:
-        check_resources(cfg, local_resources(cfg))
+        check_local(cfg)
     print(f"{cfg.source}: ok")
 
 

@@ -43,7 +43,7 @@ from lightning_ray.rollouts.ledger import Ledger, accounting, accounting_line
 from lightning_ray.rollouts.stack import start_rollout_stack, stop_rollout_stack
 from lightning_ray.rollouts.stream import Group, RolloutStream, load_groups
 from lightning_ray.rollouts.supervisor import RolloutWorkers
-from lightning_ray.runtime import init_ray, new_run_dir
+from lightning_ray.runtime import init_ray, run_directory
 from lightning_ray.tasks.actor import task_pool_from_config
 from lightning_ray.view.app import start_view
 from lightning_ray.weights import sync_weights
@@ -57,7 +57,7 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
     RUN_DIR/summary.json says how, with the accounting of every rollout the run started."""
     plan = resume_plan(resume) if resume else None  # a wrong folder fails before Ray starts
     init_ray(cfg)
-    run_dir = Path(resume) if resume else new_run_dir(cfg, "train")
+    run_dir = run_directory(cfg, "train", resume)  # names the run's apps and actors (`lightning_ray.names`)
     inference, pool, workers = start_rollout_stack(cfg, "train")
     val_pool = learners = None
     try:  # whatever fails from here on, the stack started above is stopped
@@ -74,7 +74,7 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
     finally:
         if learners is not None:
             learners.shutdown()
-        stop_rollout_stack(workers, [pool, val_pool])
+        stop_rollout_stack(cfg, workers, [pool, val_pool])
     return log.rows
 
 

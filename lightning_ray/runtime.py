@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -10,7 +11,8 @@ import ray
 import yaml
 
 from lightning_ray.config import Config, public_dump
-from lightning_ray.resources import check_resources
+from lightning_ray.names import assign_run_id
+from lightning_ray.resources import check_placement, check_resources
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,8 @@ def local_resources(cfg: Config) -> dict[str, float]:
 
 def init_ray(cfg: Config) -> dict[str, float]:
     """Join the cluster named by `ray.address` / RAY_ADDRESS (a submitted job has it set), else start a local
-    one on loopback with the project on the workers' path. Then fail fast if the config cannot fit the cluster."""
+    one on loopback with the project on the workers' path. Then fail fast if the config cannot fit the cluster
+    or a role cannot be placed on the nodes its `placement` allows."""
     if not ray.is_initialized():
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
         if address:
@@ -44,7 +47,16 @@ def init_ray(cfg: Config) -> dict[str, float]:
             )
     resources = ray.cluster_resources()
     check_resources(cfg, resources)
+    check_placement(cfg, ray.nodes())
     return resources
+
+
+def check_local(cfg: Config) -> None:
+    """`check` without a cluster: whether the config fits the local cluster `init_ray` would start, one node
+    with no custom resources or labels."""
+    resources = local_resources(cfg)
+    check_resources(cfg, resources)
+    check_placement(cfg, [{"NodeID": "local", "NodeManagerAddress": "this machine", "Resources": resources}])
 
 
 def _pythonpath() -> str:
@@ -53,11 +65,30 @@ def _pythonpath() -> str:
     return os.pathsep.join(dict.fromkeys(parts))
 
 
+def run_directory(cfg: Config, kind: str, resume: str | None = None) -> Path:
+    """The run's directory, `resume` or a new one (`new_run_dir`), and the run's id (`ray.run_id`, which scopes
+    the names of its apps and actors: `lightning_ray.names`)."""
+    if resume is None:
+        return new_run_dir(cfg, kind)
+    assign_run_id(cfg, Path(resume))
+    return Path(resume)
+
+
 def new_run_dir(cfg: Config, kind: str) -> Path:
-    """runs/<name>/<kind>-<timestamp>/ with the resolved config beside the outputs (secrets masked)."""
+    """runs/<name>/<kind>-<timestamp>[-N]/ (a new folder even when another run of the same name started in the
+    same second) with the resolved config beside the outputs (secrets masked); sets `ray.run_id` if unset."""
     import time
 
-    path = Path(cfg.trainer.run_dir) / cfg.trainer.name / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path.mkdir(parents=True, exist_ok=True)
+    stamp = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    parent = Path(cfg.trainer.run_dir) / cfg.trainer.name
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        path = parent / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir()
+            break
+        except FileExistsError:
+            continue
+    assign_run_id(cfg, path)
     (path / "config.yaml").write_text(yaml.safe_dump(public_dump(cfg), sort_keys=False))
     return path

@@ -5,7 +5,7 @@ Every section forbids unknown keys, so a typo fails with the field path instead 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -18,6 +18,43 @@ class Section(BaseModel):
     """Unknown keys and non-finite numbers (`.nan`, `.inf`) are errors naming the field."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
+
+
+class Placement(Section):
+    """Which nodes may host a role's actors (inference replicas, learners, rollout workers). Checked against
+    the cluster's nodes before anything starts (`resources.check_placement`)."""
+
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom resources (`ray start --resources`) each of the role's actors asks for, e.g. "
+        "{inference_node: 0.01}: only nodes that have them host the role.",
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Node labels (`ray start --labels`) the role's nodes must carry, e.g. {pool: gpu-a}.",
+    )
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_and_positive(cls, resources: dict[str, float]) -> dict[str, float]:
+        for name, amount in resources.items():
+            if name in BUILTIN_RESOURCES:
+                raise ValueError(f"{name!r} is set by num_cpus/num_gpus fields, not a placement resource")
+            if amount <= 0:
+                raise ValueError(f"{name}: {amount} must be > 0")
+        return resources
+
+    def actor_options(self) -> dict[str, Any]:
+        """The Ray actor options that place an actor by this: `resources` and `label_selector`."""
+        options: dict[str, Any] = {}
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        if self.labels:
+            options["label_selector"] = dict(self.labels)
+        return options
 
 
 class ModelConfig(Section):
@@ -66,6 +103,7 @@ class InferenceConfig(Section):
     )
     seed: int = 0
     sampling: SamplingConfig = SamplingConfig()
+    placement: Placement = Placement()
     weight_sync: str = Field(
         "object_store",
         description="How new weights reach every replica after a step: a path of `lightning_ray.weights` "
@@ -143,6 +181,7 @@ class RolloutConfig(Section):
     agent: str = Field("examples.calc.agent:calc_agent", description="module:function or module:Class")
     num_workers: int = Field(2, gt=0)
     num_cpus_per_worker: float = Field(0.25, gt=0)
+    placement: Placement = Placement()
     concurrency: int = Field(8, gt=0, description="Concurrent rollouts per worker.")
     timeout_s: float = Field(120.0, gt=0)
     lease_timeout_s: float = Field(300.0, gt=0)
@@ -204,6 +243,7 @@ class LearnerConfig(Section):
     num_workers: int = Field(1, gt=0)
     num_cpus_per_worker: float = Field(1.0, gt=0)
     num_gpus_per_worker: float = Field(0.0, ge=0)
+    placement: Placement = Placement()
     zero_stage: int = Field(0, ge=0, le=3)
     precision: Literal["float32", "bfloat16"] = "float32"
     packing: bool = Field(True, description="Tokens shared by rows once, no padding (learner.packing).")
@@ -264,3 +304,8 @@ class RayConfig(Section):
     address: str | None = Field(None, description="Unset: join RAY_ADDRESS or start a local cluster.")
     num_cpus: float | None = Field(None, gt=0, description="Logical CPUs of a local cluster.")
     namespace: str = "lightning-ray"
+    run_id: str | None = Field(
+        None,
+        description="Scopes the names of this run's Serve apps, task pools and rollout workers so runs can share "
+        "a cluster (`lightning_ray.names`). Unset: train and rollout make one from the run directory's name.",
+    )

@@ -56,8 +56,8 @@ def _first_line(err: BaseException) -> str:
 class Engine:
     """Calls `InferenceServer` through a handle; `session_id=rollout_id` keeps a rollout on one replica.
 
-    handle: the live policy's deployment; looked up by name (`APP_NAME`) when omitted.
-    frozen_agents: roles whose calls go to `frozen_handle` instead, looked up by name (`FROZEN_APP_NAME`) when
+    handle: the live policy's deployment; looked up by name (`app_name`) when omitted.
+    frozen_agents: roles whose calls go to `frozen_handle` instead, looked up by name (`frozen_app_name`) when
         omitted and `frozen_agents` is not empty.
     retries: how often a call whose replica was lost is sent again (`inference.request_retries`).
     """
@@ -69,12 +69,14 @@ class Engine:
         frozen_agents: Iterable[str] = (),
         frozen_handle: Any | None = None,
         retries: int = DEFAULT_RETRIES,
+        app_name: str = APP_NAME,
+        frozen_app_name: str = FROZEN_APP_NAME,
     ):
         self.retries = retries
-        self.handle = handle if handle is not None else inference_handle(APP_NAME)
+        self.handle = handle if handle is not None else inference_handle(app_name)
         self.frozen_agents = frozenset(frozen_agents)
         if self.frozen_agents and frozen_handle is None:
-            frozen_handle = inference_handle(FROZEN_APP_NAME)
+            frozen_handle = inference_handle(frozen_app_name)
         self.frozen_handle = frozen_handle
 
     def handle_for(self, role: str | None) -> Any:

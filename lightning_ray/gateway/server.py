@@ -36,10 +36,11 @@ from lightning_ray.config import (
 from lightning_ray.data.schema import Transition
 from lightning_ray.gateway.app import create_app
 from lightning_ray.gateway.calls import GatewayState
-from lightning_ray.gateway.engine import DEFAULT_RETRIES, Engine
+from lightning_ray.gateway.engine import Engine
 from lightning_ray.gateway.recorder import Recorder
 from lightning_ray.gateway.render import load_chat_template, load_tokenizer
 from lightning_ray.gateway.tools import DEFAULT_TOOL_PARSER
+from lightning_ray.names import frozen_app, inference_app
 
 
 class _Server(uvicorn.Server):
@@ -122,7 +123,7 @@ async def start_gateway(
         max_request_bytes).
     handle: the InferenceServer deployment handle; looked up by name when omitted (needs Ray and Serve up).
     frozen_handle: the frozen snapshot's deployment that serves the roles in `rollout.frozen_agents`; looked up
-        by name (`FROZEN_APP_NAME`) when omitted and the config names frozen roles.
+        by name (`names.frozen_app`) when omitted and the config names frozen roles.
     tokenizer: a tokenizer or its folder; default: the engine's `model_dir`.
     chat_template: a Jinja file replacing the tokenizer's template (overrides the config's).
     sampling: defaults for the `SamplingConfig` settings a request leaves out.
@@ -136,9 +137,17 @@ async def start_gateway(
     token = gw_cfg.token()
     if not is_loopback(gw_cfg.host) and not token:
         raise ValueError(f"gateway.host={gw_cfg.host!r} is not loopback: set gateway.auth_token")
-    frozen_agents = config.rollout.frozen_agents if isinstance(config, Config) else []
-    retries = config.inference.request_retries if isinstance(config, Config) else DEFAULT_RETRIES
-    engine = Engine(handle, frozen_agents=frozen_agents, frozen_handle=frozen_handle, retries=retries)
+    if isinstance(config, Config):  # the run's own apps (`lightning_ray.names`)
+        engine = Engine(
+            handle,
+            frozen_agents=config.rollout.frozen_agents,
+            frozen_handle=frozen_handle,
+            retries=config.inference.request_retries,
+            app_name=inference_app(config),
+            frozen_app_name=frozen_app(config),
+        )
+    else:
+        engine = Engine(handle, frozen_handle=frozen_handle)
     info = await engine.model_info()
     tok = tokenizer if isinstance(tokenizer, PreTrainedTokenizerBase) else None
     if tok is None:

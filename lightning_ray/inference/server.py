@@ -361,6 +361,7 @@ def inference_app(model_dir: str | Path, model: ModelConfig, inference: Inferenc
     actor_options: dict[str, Any] = {
         "num_cpus": inference.num_cpus_per_replica,
         "runtime_env": {"env_vars": engine_env(inference)},
+        **inference.placement.actor_options(),  # which nodes (`inference.placement`)
     }
     options: dict[str, Any] = {
         "name": DEPLOYMENT_NAME,
@@ -374,10 +375,14 @@ def inference_app(model_dir: str | Path, model: ModelConfig, inference: Inferenc
     }
     if inference.tensor_parallel_size > 1:
         # vLLM places its TP workers in the replica's placement group; the replica itself needs no GPU.
-        options["placement_group_bundles"] = [{"CPU": inference.num_cpus_per_replica}] + [
-            {"GPU": 1} for _ in range(inference.tensor_parallel_size)
-        ]
+        options["placement_group_bundles"] = [
+            {"CPU": inference.num_cpus_per_replica, **inference.placement.resources}
+        ] + [{"GPU": 1} for _ in range(inference.tensor_parallel_size)]
         options["placement_group_strategy"] = "STRICT_PACK"
+        if inference.placement.labels:
+            options["placement_group_bundle_label_selector"] = [dict(inference.placement.labels)] * (
+                1 + inference.tensor_parallel_size
+            )
     else:
         actor_options["num_gpus"] = inference.num_gpus_per_replica
     options["ray_actor_options"] = actor_options

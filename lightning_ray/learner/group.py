@@ -73,10 +73,16 @@ class LearnerGroup:
         self.bad_steps: dict[int, list[str]] = {}  # the skipped steps of the current run of them
         self.failure: LearnerFailed | None = None
         n = cfg.num_workers
-        bundle = {"CPU": cfg.num_cpus_per_worker}
+        bundle = {"CPU": cfg.num_cpus_per_worker, **cfg.placement.resources}  # `learner.placement`
         if cfg.num_gpus_per_worker > 0:
             bundle["GPU"] = cfg.num_gpus_per_worker
-        self.placement_group = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
+        self.placement_group = placement_group(
+            [dict(bundle) for _ in range(n)],
+            strategy="PACK",
+            bundle_label_selector=[dict(cfg.placement.labels) for _ in range(n)]
+            if cfg.placement.labels
+            else None,
+        )
         self.workers: list[ray.actor.ActorHandle] = []
         try:
             ray.get(self.placement_group.ready(), timeout=timeout_s)

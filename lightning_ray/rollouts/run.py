@@ -12,18 +12,18 @@ from lightning_ray.data.schema import write_parquet
 from lightning_ray.monitor.metrics import record_batch_metrics
 from lightning_ray.rollouts.collect import collect_batch
 from lightning_ray.rollouts.stack import start_rollout_stack, stop_rollout_stack
-from lightning_ray.runtime import init_ray, new_run_dir
+from lightning_ray.runtime import init_ray, run_directory
 
 
 def run_rollout(cfg: Config, limit: int | None = None, split: str = "train") -> dict[str, Any]:
     init_ray(cfg)
-    run_dir = new_run_dir(cfg, "rollout")
+    run_dir = run_directory(cfg, "rollout")
     _, pool, workers = start_rollout_stack(cfg, split)
     try:
         num_tasks = limit or ray.get(pool.num_tasks.remote())
         batch = collect_batch(pool, workers, num_tasks, desc=f"rollout {split}")
     finally:
-        stop_rollout_stack(workers, [pool])
+        stop_rollout_stack(cfg, workers, [pool])
     record_batch_metrics(batch.summary, run=cfg.trainer.name)
     write_parquet(batch.transitions, run_dir, "rollout-transitions")
     write_parquet(batch.rollouts, run_dir, "rollout-rollouts")

@@ -11,8 +11,9 @@ from ray import serve
 
 from lightning_ray.config import Config
 from lightning_ray.faults import first_line
-from lightning_ray.inference.server import APP_NAME, FROZEN_APP_NAME, deploy_inference
+from lightning_ray.inference.server import deploy_inference
 from lightning_ray.models import resolve_model
+from lightning_ray.names import frozen_app, inference_app
 from lightning_ray.rollouts.supervisor import RolloutWorkers
 from lightning_ray.tasks.actor import task_pool_from_config
 
@@ -22,12 +23,12 @@ log = logging.getLogger(__name__)
 
 def deploy_policies(cfg: Config) -> Any:
     """The live policy's inference app, and with `rollout.frozen_agents` a frozen snapshot of it: the same model
-    at its starting weights under `FROZEN_APP_NAME`, which weight broadcasts (to the live handle) never reach.
+    at its starting weights under `names.frozen_app`, which weight broadcasts (to the live handle) never reach.
     Returns the live handle; gateways find the frozen app by name."""
     model_dir = resolve_model(cfg.model.path)
-    live = deploy_inference(model_dir, cfg.model, cfg.inference)
+    live = deploy_inference(model_dir, cfg.model, cfg.inference, app_name=inference_app(cfg))
     if cfg.rollout.frozen_agents:
-        deploy_inference(model_dir, cfg.model, cfg.inference, app_name=FROZEN_APP_NAME)
+        deploy_inference(model_dir, cfg.model, cfg.inference, app_name=frozen_app(cfg))
     return live
 
 
@@ -56,13 +57,13 @@ def stop_workers(workers: list[Any]) -> None:
         ray.kill(worker)
 
 
-def stop_rollout_stack(workers: RolloutWorkers | None, pools: list[Any]) -> None:
-    """Stop the workers and the pools; the inference apps (live and frozen, when deployed) go with
+def stop_rollout_stack(cfg: Config, workers: RolloutWorkers | None, pools: list[Any]) -> None:
+    """Stop the workers and the pools; the run's inference apps (live and frozen, when deployed) go with
     `serve.delete`."""
     if workers is not None:
         workers.stop()
     for pool in pools:
         if pool is not None:
             ray.kill(pool)
-    for app in (APP_NAME, FROZEN_APP_NAME):
+    for app in (inference_app(cfg), frozen_app(cfg)):
         serve.delete(app)  # a no-op for an app that is not deployed

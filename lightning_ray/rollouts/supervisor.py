@@ -20,6 +20,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from lightning_ray.config import Config
 from lightning_ray.faults import TaskPoolLost, WorkersExhausted, first_line, get
+from lightning_ray.names import worker_prefix
 from lightning_ray.rollouts.worker import HungAgentThreads, start_rollout_workers
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ class Serving:
 class RolloutWorkers:
     """`rollout.num_workers` RolloutWorker actors; `handles` always holds the live ones, by index."""
 
-    def __init__(self, cfg: Config, pool: Any, prefix: str = "rollout-worker"):
+    def __init__(self, cfg: Config, pool: Any, prefix: str | None = None):
+        prefix = prefix or worker_prefix(cfg)  # the run's own names (`lightning_ray.names`)
         self.cfg, self.pool, self.prefix = cfg, pool, prefix
         self.handles: list[Any] = start_rollout_workers(cfg, pool, prefix=prefix)
         self.ids: list[str] = get(

@@ -338,6 +338,7 @@ def start_rollout_workers(cfg: Config, pool: Any, prefix: str = "rollout-worker"
             num_cpus=cfg.rollout.num_cpus_per_worker,
             max_concurrency=cfg.rollout.concurrency * 4 + 16,
             name=f"{prefix}-{i}",
+            **cfg.rollout.placement.actor_options(),  # which nodes (`rollout.placement`)
         ).remote(f"{prefix}-{i}-{os.urandom(3).hex()}", cfg.model_dump(), pool, pythonpath)
         for i in range(cfg.rollout.num_workers)
     ]

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
+from lightning_ray.names import POOL_NAME as DEFAULT_POOL_NAME
 from lightning_ray.tasks.dataset import Task, load_tasks
 from lightning_ray.tasks.pool import TaskPool
 from lightning_ray.tasks.records import Lease, RolloutReport
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
     from lightning_ray.config import Config
 
 log = logging.getLogger(__name__)
-
-DEFAULT_POOL_NAME = "lightning_ray.task_pool"
 
 
 def _forward(method: Callable[..., Any], *, notify: bool = False) -> Callable[..., Any]:
@@ -232,6 +231,7 @@ def task_pool_from_config(cfg: Config, split: str = "train", name: str | None = 
     Validation pools (split="val") are not shuffled; use `start_batch(n, group_size=1)` for greedy eval.
     """
     from lightning_ray.config import resolve_path
+    from lightning_ray.names import task_pool
 
     path = cfg.data.train if split == "train" else cfg.data.val
     if path is None:
@@ -239,7 +239,7 @@ def task_pool_from_config(cfg: Config, split: str = "train", name: str | None = 
     base = Path(cfg.source).parent if cfg.source else Path.cwd()
     return create_task_pool(
         load_tasks(resolve_path(path, base)),
-        name=name or f"{DEFAULT_POOL_NAME}.{split}",
+        name=name or task_pool(cfg, split),
         group_size=cfg.algorithm.group_size,
         max_attempts=cfg.rollout.max_attempts,
         lease_timeout_s=cfg.rollout.lease_timeout_s,

@@ -91,7 +91,7 @@ def test_frozen_checker_through_the_rollout_stack(own_rollout_stack, tiny_config
         push_state(inference, ray.put({k: v + 0.1 * torch.randn_like(v) for k, v in original.items()}), 1)
         batch = collect_batch(pool, workers, 2, progress=False)
     finally:
-        stop_rollout_stack(workers, [pool])
+        stop_rollout_stack(cfg, workers, [pool])
     assert not {APP_NAME, FROZEN_APP_NAME} & set(serve.status().applications)
 
     rollouts = batch.rollouts.to_pylist()

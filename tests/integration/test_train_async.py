@@ -23,6 +23,7 @@ from test_train_loop import loop_config
 from lightning_ray.loop import train
 from lightning_ray.monitor.run_log import read_metrics
 from lightning_ray.monitor.staleness import token_versions
+from lightning_ray.names import worker_prefix
 from lightning_ray.rollouts.ledger import read_ledger
 
 
@@ -105,7 +106,7 @@ def test_k1_run_goes_on_when_a_rollout_worker_dies(inference, tiny_config, tmp_p
             metrics = tmp_path / "runs" / "loop"
             runs = list(metrics.iterdir()) if metrics.exists() else []
             if runs and (runs[0] / "trajectories" / "step-000001.parquet").exists():
-                ray.kill(ray.get_actor("rollout-worker-0"))
+                ray.kill(ray.get_actor(f"{worker_prefix(cfg)}-0"))  # train() gave cfg its run id
                 return
             time.sleep(0.2)
 

@@ -29,6 +29,7 @@ from lightning_ray.learner.checkpoint import CHECKPOINT_MARKER
 from lightning_ray.loop import train
 from lightning_ray.monitor.run_log import read_metrics
 from lightning_ray.monitor.watchdog import live_actors
+from lightning_ray.names import task_pool
 from lightning_ray.rollouts.ledger import read_ledger
 from lightning_ray.tasks.dataset import load_tasks
 from lightning_ray.tasks.order import TaskOrder
@@ -124,7 +125,7 @@ def test_a_killed_task_pool_stops_the_run_named_and_resume_continues(inference, 
     killer = kill_when_present(
         tmp_path / "runs" / "loop",
         "*/checkpoints/step-000001/*.json",
-        lambda: ray.kill(ray.get_actor("lightning_ray.task_pool.train")),
+        lambda: ray.kill(ray.get_actor(task_pool(cfg, "train"))),  # train() gave cfg its run id
         poll_s=0.2,
     )
     with pytest.raises(TaskPoolLost, match="task pool"):

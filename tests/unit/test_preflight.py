@@ -24,7 +24,9 @@ def config(tmp_path: Path, yaml_text: str, *overrides: str):
 def test_a_good_config_reports_what_it_found(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     val = tmp_path / "val.jsonl"
-    val.write_text('{"id": "a", "question": "1+1", "answer": "2"}\n{"id": "b", "question": "2+2", "answer": "4"}\n')
+    val.write_text(
+        '{"id": "a", "question": "1+1", "answer": "2"}\n{"id": "b", "question": "2+2", "answer": "4"}\n'
+    )
     lines = preflight(config(tmp_path, f"data: {{train: {TRAIN}, val: {val}}}\n"))
     text = "\n".join(lines)
     assert f"data.train: {TRAIN}: 2000 rows, fields answer, id, level, question" in text
