@@ -19,7 +19,7 @@ LINES = {
         "Reward and success",
         [
             ("rollout/reward_mean", "train reward (mean)"),
-            ("rollout/success_rate", "train success"),
+            ("rollout/success_rate", "train rollouts without failure"),
             ("val/reward_mean", "held-out reward (greedy)"),
             ("val/success_rate", "held-out success (greedy)"),
         ],

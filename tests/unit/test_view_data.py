@@ -155,3 +155,17 @@ def test_a_page_bound_beyond_loopback_gets_a_token():
     assert token and len(token) >= 16 and view_token("0.0.0.0", "mine") == "mine"
     assert page_url("127.0.0.1", 8266, None) == "http://127.0.0.1:8266/"
     assert page_url("10.0.0.5", 8266, "t") == "http://10.0.0.5:8266/?token=t"
+
+
+def test_an_offline_wandb_run_gets_the_table_at_validation_steps(tmp_path, monkeypatch):
+    from lightning_ray.config import load_config
+    from lightning_ray.monitor.run_log import RunLog
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    write_step(tmp_path, 1, [rollout(1, i) for i in range(8)])
+    cfg = load_config(None, ["logging.wandb=true", "logging.report=false"], check_files=False)
+    log = RunLog(cfg, tmp_path)
+    log.log(1, {"rollout/reward_mean": 0.5, "val/success_rate": 0.25})
+    log.close()
+    [table] = list((tmp_path / "wandb").glob("offline-run-*/files/media/table/trajectories_*.table.json"))
+    assert "[1 critic] answer 1-7-1" in table.read_text()  # the last sampled rollout's second call
