@@ -32,6 +32,7 @@ FULL_BELOW_BYTES = (
 )  # a write failed with less free than this: the disk is full, whatever the error says
 STREAM_DIR = "stream"  # the driver's part of a checkpoint (`RolloutStream.save`)
 STREAM_GROUPS = Path(STREAM_DIR) / "groups.json"  # its complete, untrained groups
+STREAM_PARTIAL = Path(STREAM_DIR) / "partials.json"  # the finished rollouts of its running groups
 CONFIG_FILE = "config.yaml"  # the resolved config `new_run_dir` writes
 
 
@@ -189,7 +190,8 @@ class ResumePlan:
     checkpoint: Path
     step: int
     ready_groups: int  # complete, untrained groups saved with the checkpoint: trained first
-    in_flight_groups: int  # groups that were running: their tasks run again
+    in_flight_groups: int  # groups that were running or queued to run again
+    partial_groups: int  # of those, the ones whose finished rollouts were saved: only the rest run again
     data_position: dict[str, Any]  # the task pool's state (epoch, cursor, ...)
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # newer folders, and why they are not used
 
@@ -203,7 +205,7 @@ class ResumePlan:
         lines = [
             f"resuming {self.run_dir} from {self.checkpoint.name} (step {self.step}): "
             f"{self.ready_groups} saved complete groups to train first, {self.in_flight_groups} in-flight groups "
-            f"to run again, data position {where}"
+            f"to run again ({self.partial_groups} keep their finished rollouts), data position {where}"
         ]
         lines += [f"  skipped {p.name}: {why}" for p, why in self.skipped]
         return "\n".join(lines)
@@ -246,13 +248,15 @@ def _plan(run_dir: Path, path: Path, skipped: list[tuple[Path, str]]) -> ResumeP
     extra = marker.get("extra") or {}
     if "step" not in extra:
         raise ResumeError(f"--resume {run_dir}: {path.name} records no training step (not saved by a run)")
-    groups = path / STREAM_GROUPS
+    groups, partial = path / STREAM_GROUPS, path / STREAM_PARTIAL
+    partial_groups = len(json.loads(partial.read_text())) if partial.is_file() else 0
     return ResumePlan(
         run_dir=run_dir,
         checkpoint=path,
         step=int(extra["step"]),
         ready_groups=len(json.loads(groups.read_text())) if groups.is_file() else 0,
-        in_flight_groups=len(extra.get("in_flight") or []),
+        in_flight_groups=len(extra.get("in_flight") or []) + partial_groups,
+        partial_groups=partial_groups,
         data_position=extra.get("pool") or {},
         skipped=skipped,
     )

@@ -41,7 +41,7 @@ from lightning_ray.monitor.watchdog import PROBE_TIMEOUT_S, Watchdog
 from lightning_ray.rollouts.collect import Batch, collect_batch
 from lightning_ray.rollouts.ledger import Ledger, accounting, accounting_line
 from lightning_ray.rollouts.stack import start_rollout_stack, stop_rollout_stack
-from lightning_ray.rollouts.stream import Group, RolloutStream, load_groups
+from lightning_ray.rollouts.stream import RolloutStream, SavedStream, load_stream
 from lightning_ray.rollouts.supervisor import RolloutWorkers
 from lightning_ray.runtime import init_ray, run_directory
 from lightning_ray.tasks.actor import task_pool_from_config
@@ -98,14 +98,12 @@ def run(
         print(f"run page: {page.url}", flush=True)
     try:
         with watchdog.watching():
-            start, (ready, in_flight) = (
-                restore(cfg, plan, learners, pool, inference) if plan else (0, ([], []))
-            )
+            start, saved = restore(cfg, plan, learners, pool, inference) if plan else (0, SavedStream())
             if plan is None and val_pool is not None:
                 log.log(0, validate(cfg, val_pool, workers))
             ledger = Ledger(run_dir / "ledger.jsonl", keep_before_version=start if plan else None)
             stream = RolloutStream(cfg, pool, workers, ledger, version=start)
-            stream.resume(ready, in_flight)
+            stream.resume(saved)
             run_steps(cfg, start, run_dir, stream, learners, inference, val_pool, log, watchdog)
             end.update(status="completed", steps_done=cfg.trainer.steps)
     except BaseException as e:
@@ -285,10 +283,11 @@ def training_rows(transitions: pa.Table, cfg: Config) -> pa.Table:
 
 
 def validate(cfg: Config, val_pool: Any, workers: RolloutWorkers) -> dict[str, float]:
-    """Held-out tasks, one greedy rollout each; solved when the reward reaches `trainer.success_threshold`."""
-    n = cfg.trainer.val_limit or get(
-        val_pool.num_tasks.remote(), "validation pool", PROBE_TIMEOUT_S, TaskPoolLost
-    )
+    """The split's first `trainer.val_limit` held-out tasks (all when unset), the same ones each time, one greedy
+    rollout each; solved when the reward reaches `trainer.success_threshold`."""
+    num_tasks = get(val_pool.num_tasks.remote(), "validation pool", PROBE_TIMEOUT_S, TaskPoolLost)
+    get(val_pool.rewind.remote(), "validation pool", PROBE_TIMEOUT_S, TaskPoolLost)
+    n = min(cfg.trainer.val_limit or num_tasks, num_tasks)
     batch = collect_batch(
         val_pool, workers, n, group_size=1, desc="validation", sampling={"temperature": 0.0}
     )
@@ -318,13 +317,12 @@ def save(run_dir: Path, step: int, learners: LearnerGroup, pool: Any, stream: Ro
 
 def restore(
     cfg: Config, plan: ResumePlan, learners: LearnerGroup, pool: Any, inference: Any
-) -> tuple[int, tuple[list[Group], list[str]]]:
+) -> tuple[int, SavedStream]:
     """Weights, optimizer, data position and policy version from the checkpoint `plan` chose (the newest
-    complete one); returns its step, the stream's complete untrained groups and the task ids of the groups
-    that were running."""
+    complete one); returns its step and the stream it saved (`RolloutStream.save`)."""
     path = plan.checkpoint
     extra = learners.load_checkpoint(path)["extra"]
     get(pool.load_state.remote(extra["pool"]), "task pool load_state", PROBE_TIMEOUT_S, lost=TaskPoolLost)
     sync_weights(learners, inference, extra["step"], cfg)
     print(f"resumed from {path} at step {extra['step']}")
-    return int(extra["step"]), (load_groups(path / STREAM_DIR), extra.get("in_flight", []))
+    return int(extra["step"]), load_stream(path / STREAM_DIR, extra.get("in_flight", []))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -30,3 +31,23 @@ def never_returns(task: dict, llm: lr.LLM) -> float:
     """A sync agent stuck for good, before its first LLM call: nothing in the run progresses."""
     time.sleep(3600)
     return 0.0
+
+
+@lr.rollout
+async def holds_the_last_rollout_of_each_group(task: dict, llm: lr.LLM) -> float:
+    """`varied_agent`; the task's `group_size`-th rollout to start (counted by files claimed under the task's
+    `gate` folder) then waits for `gate/open` (at most 120 s): its group keeps running with every other rollout
+    finished. Rollouts that start later (a resume's) do not wait."""
+    gate = Path(task["gate"])
+    n = 0
+    while True:
+        try:
+            (gate / f"{task['id']}-{n}").touch(exist_ok=False)
+            break
+        except FileExistsError:
+            n += 1
+    reward = await varied_agent(task, llm)
+    deadline = time.monotonic() + 120
+    while n == task["group_size"] - 1 and not (gate / "open").exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return reward

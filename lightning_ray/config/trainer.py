@@ -15,7 +15,9 @@ class TrainerConfig(Section):
     steps: int = Field(10, gt=0)
     tasks_per_step: int = Field(4, gt=0)
     val_every: int = Field(0, ge=0, description="0 disables validation.")
-    val_limit: int | None = Field(None, gt=0)
+    val_limit: int | None = Field(
+        None, gt=0, description="Validate on the split's first N tasks, the same ones each time (None: all)."
+    )
     success_threshold: float = Field(
         1.0, description="A validation rollout is solved when its reward reaches this."
     )

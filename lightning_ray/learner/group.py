@@ -157,15 +157,24 @@ class LearnerGroup:
                 try:
                     ray.get(ref)
                 except ray.exceptions.RayError as e:
-                    self._fail([rank_of[ref]], method, f"{_failure(e)} during {method}", e)
+                    fault = getattr(e, "cause", None)  # a named fault the rank raised (a full disk) is itself
+                    self._fail([rank_of[ref]], method, f"{_failure(e)} during {method}", e, fault)
         return ray.get(refs)
 
-    def _fail(self, ranks: list[int], method: str, what: str, cause: BaseException | None) -> None:
-        """Stop every rank (the survivors are waiting for the failed one in a collective) and raise."""
+    def _fail(
+        self,
+        ranks: list[int],
+        method: str,
+        what: str,
+        cause: BaseException | None,
+        fault: BaseException | None = None,
+    ) -> None:
+        """Stop every rank (the survivors are waiting for the failed one in a collective) and raise the rank's
+        own `RunFault`, or `LearnerFailed`."""
         self.failure = LearnerFailed(ranks, method, self.steps, f"{what} (learner step {self.steps})")
         for w in self.workers:
             ray.kill(w)
-        raise self.failure from cause
+        raise (fault if isinstance(fault, RunFault) else self.failure) from cause
 
     def _shards(self, table: pa.Table | ray.ObjectRef) -> tuple[list[ray.ObjectRef], list[np.ndarray]]:
         if isinstance(table, ray.ObjectRef):

@@ -8,8 +8,10 @@ the rollout's reward sink and output capture (both contextvars) follow the agent
 Whatever the agent does ends in an `AgentOutcome`: a value, or the exception it raised, `BaseException`s such as
 `SystemExit`, `KeyboardInterrupt` and a stray `CancelledError` included. Non-daemon threads the agent started
 (found through its reward sink, see `rewards.started_threads`) that are still running a short grace after it
-returned are reported as leaked. Daemon threads may outlive it (libraries keep background workers that way); as
-the agent's own thread is a daemon, so are the threads it starts without saying `daemon=False`. A thread that does not finish when
+returned are reported as leaked. Daemon threads may outlive it (libraries keep background workers that way; as
+the agent's own thread is a daemon, so are the threads it starts without saying `daemon=False`): they do not fail
+the rollout, but the worker watches them with the rest (`lingering`), so an agent that leaves one behind on every
+rollout ends in `HungAgentThreads` like one that never returns. A thread that does not finish when
 asked to (a sync agent that never returns, an async agent blocking its own loop) cannot be killed: the caller
 stops waiting for it and keeps an eye on it (`OutlivingThreads`), so it holds no slot that other rollouts need.
 """
@@ -60,7 +62,8 @@ class AgentOutcome:
 
     value: Any = None
     error: BaseException | None = None
-    leaked: list[threading.Thread] = field(default_factory=list)
+    leaked: list[threading.Thread] = field(default_factory=list)  # non-daemon: the rollout fails
+    lingering: list[threading.Thread] = field(default_factory=list)  # daemon: watched only
 
 
 class AgentThread:
@@ -104,11 +107,11 @@ class AgentThread:
             value = self._fn(*self._args)
             if isinstance(value, Awaitable):
                 value = self._run_on_own_loop(value)
-            outcome = AgentOutcome(value=value)
+            ended: dict[str, Any] = {"value": value}
         except BaseException as e:  # SystemExit, KeyboardInterrupt, CancelledError are the agent's too
-            outcome = AgentOutcome(error=e)
-        outcome.leaked.extend(_leftover_threads())
-        self._result.set_result(outcome)
+            ended = {"error": e}
+        leaked, lingering = _leftover_threads()
+        self._result.set_result(AgentOutcome(**ended, leaked=leaked, lingering=lingering))
 
     def _run_on_own_loop(self, awaitable: Awaitable[Any]) -> Any:
         loop = asyncio.new_event_loop()
@@ -141,21 +144,19 @@ def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
         loop.close()
 
 
-def _leftover_threads() -> list[threading.Thread]:
-    """Non-daemon threads started under the current rollout's reward sink that outlive a short grace."""
+def _leftover_threads() -> tuple[list[threading.Thread], list[threading.Thread]]:
+    """Threads started under the current rollout's reward sink still alive a short grace after it returned:
+    (non-daemon, daemon)."""
     sink = current_reward_sink()
     if sink is None:
-        return []
+        return [], []
     me = threading.current_thread()
     deadline = time.monotonic() + LEAK_GRACE_S
-    alive = []
-    for t in started_threads(sink):
-        if t is me or t.daemon:
-            continue
+    threads = [t for t in started_threads(sink) if t is not me]
+    for t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
-        if t.is_alive():
-            alive.append(t)
-    return alive
+    alive = [t for t in threads if t.is_alive()]
+    return [t for t in alive if not t.daemon], [t for t in alive if t.daemon]
 
 
 class OutlivingThreads:

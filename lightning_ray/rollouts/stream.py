@@ -25,7 +25,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,17 @@ class Group:
         stats = group_statistics(values, np.zeros(len(values), dtype=np.int64), 1)
         return bool(stats["std"][0] > ZERO_STD)
 
+    def missing(self, group_size: int) -> list[int]:
+        """Indices of the group's rollouts it has no record of (a group saved before it completed)."""
+        have = {r.index_in_group for r in self.records}
+        return [i for i in range(group_size) if i not in have]
+
+    def joined(self, rest: Group) -> Group:
+        """This group's saved rollouts together with `rest`, the ones that ran after a resume."""
+        records = sorted(self.records + rest.records, key=lambda r: r.index_in_group)
+        tables = {name: pa.concat_tables([getattr(self, name), getattr(rest, name)]) for name in GROUP_TABLES}
+        return Group(self.group_id, self.task_id, records, **tables)
+
 
 def complete_group(entry: dict[str, Any]) -> Group:
     """A group from the pool's `wait_groups` entry: its tables concatenated once, rows of accepted attempts."""
@@ -103,9 +114,8 @@ class RolloutStream:
         self.restored_rollouts = 0
         self.replaced = 0  # groups dropped that K >= 1 replaces
         self.ready: deque[Group] = deque()  # complete groups not trained yet (taken from the pool)
-        self.requeue: list[
-            str
-        ] = []  # task ids of stale groups to run again (`trainer.stale_groups: requeue`)
+        self.requeue: list[str] = []  # task ids of groups to run again (`trainer.stale_groups: requeue`)
+        self.resumed: dict[str, Group] = {}  # the saved rollouts of groups a resume completes, by group id
 
     # ------------------------------------------------------------------ admission
 
@@ -123,13 +133,22 @@ class RolloutStream:
         self.call(self.pool.add_groups.remote(self.batch_id, n - len(again), again), "add_groups")
         self.started += n
 
-    def resume(self, ready: list[Group], in_flight: list[str]) -> None:
-        """Continue a checkpointed stream: its complete untrained groups, and the tasks of the groups that were
-        running (they run again; their finished rollouts were not trained)."""
-        self.ready.extend(ready)
-        self.requeue.extend(in_flight)
-        self.restored_rollouts = sum(len(g.records) for g in ready)  # started before the resume
-        self.started += len(ready)  # in the budget like any group; the re-run ones start first in `top_up`
+    def resume(self, saved: SavedStream) -> None:
+        """Continue a checkpointed stream: its complete untrained groups are trained first; the groups that
+        were running run only their missing rollouts (under their own group ids, joined with the saved ones
+        when they complete); the tasks of the groups to run whole start first in `top_up`."""
+        self.ready.extend(saved.ready)
+        self.requeue.extend(saved.in_flight)
+        for part in saved.partial:
+            missing = part.missing(self.cfg.algorithm.group_size)
+            self.call(
+                self.pool.resume_group.remote(self.batch_id, part.group_id, part.task_id, missing),
+                "resume_group",
+            )
+            self.resumed[part.group_id] = part
+        # started before the resume; in the budget like any group
+        self.restored_rollouts = sum(len(g.records) for g in saved.ready + saved.partial)
+        self.started += len(saved.ready) + len(saved.partial)
 
     # ------------------------------------------------------------------ batches
 
@@ -149,10 +168,7 @@ class RolloutStream:
             if not self.ready:
                 self.top_up(version)
                 self.workers.check()
-                entries = self.call(
-                    self.pool.wait_groups.remote(self.batch_id, self.batch_size, WAIT_S), "wait_groups"
-                )
-                self.ready.extend(complete_group(e) for e in entries)
+                self.take_complete(self.batch_size, WAIT_S)
                 continue
             group = self.ready.popleft()
             consumed += 1
@@ -171,6 +187,13 @@ class RolloutStream:
         used = [g.rollouts for g in chosen + dropped]
         batch.ended = rollout_records(ended, pa.concat_tables(used) if used else _empty("rollouts"))
         return batch
+
+    def take_complete(self, max_n: int | None, wait_s: float) -> None:
+        """Move the pool's complete groups (up to `max_n`, waiting up to `wait_s`) to `ready`."""
+        for entry in self.call(self.pool.wait_groups.remote(self.batch_id, max_n, wait_s), "wait_groups"):
+            group = complete_group(entry)
+            saved = self.resumed.pop(group.group_id, None)
+            self.ready.append(saved.joined(group) if saved else group)
 
     def call(self, ref: ray.ObjectRef, what: str) -> Any:
         """The pool's answer, within the run's deadline; the pool's death is `TaskPoolLost`."""
@@ -208,20 +231,23 @@ class RolloutStream:
     # ------------------------------------------------------------------ checkpoints and the end
 
     def save(self, out: Path) -> dict[str, Any]:
-        """What `--resume` needs to continue the stream: the complete untrained groups (their tables and
-        records, written under `out`) and the task ids of the groups still running (returned, they run again)."""
-        for entry in self.call(self.pool.wait_groups.remote(self.batch_id, None, 0.0), "wait_groups"):
-            self.ready.append(complete_group(entry))
+        """What `--resume` needs to continue the stream, written under `out`: the complete untrained groups, and
+        the rollouts the running groups have finished (a resume runs only their missing ones). Returns the task
+        ids of the groups to run whole (running with nothing finished yet, or queued to run again)."""
+        self.take_complete(None, 0.0)
+        partial, whole = [], list(self.requeue)
+        for entry in self.call(self.pool.open_groups.remote(self.batch_id), "open_groups"):
+            done = complete_group(entry) if entry["records"] else None
+            saved = self.resumed.get(entry["group_id"])
+            part = saved.joined(done) if saved and done else saved or done
+            if part is None:
+                whole.append(entry["task_id"])
+            else:
+                partial.append(part)
         out.mkdir(parents=True, exist_ok=True)
-        for i, group in enumerate(self.ready):
-            for name in GROUP_TABLES:
-                pq.write_table(getattr(group, name), out / f"group-{i:04d}-{name}.parquet")
-        records = [[_plain(r) for r in g.records] for g in self.ready]
-        (out / "groups.json").write_text(json.dumps(records))
-        return {
-            "in_flight": self.call(self.pool.open_groups.remote(self.batch_id), "open_groups")
-            + list(self.requeue)
-        }
+        _write_groups(out, "group", list(self.ready))
+        _write_groups(out, "partial", partial)
+        return {"in_flight": whole}
 
     def close(self, version: int) -> None:
         """Stop starting groups, cancel what has not started, let the workers finish what runs, and put every
@@ -234,8 +260,7 @@ class RolloutStream:
                     f"closing the rollout stream: rollouts still running after {self.cfg.trainer.stall_timeout_s:.0f} s"
                 )
         self.workers.release(self.batch_id)
-        for entry in self.call(self.pool.wait_groups.remote(self.batch_id, None, 0.0), "wait_groups"):
-            self.ready.append(complete_group(entry))
+        self.take_complete(None, 0.0)
         for group in self.ready:
             self.ledger.dropped(group.records, "run_ended", version)
         left = self.call(self.pool.batch_results.remote(self.batch_id), "batch_results")
@@ -243,13 +268,35 @@ class RolloutStream:
         self.call(self.pool.forget_batch.remote(self.batch_id), "forget_batch")
 
 
-def load_groups(saved: Path) -> list[Group]:
-    """The complete groups `RolloutStream.save` wrote (none when it wrote nothing there)."""
-    if not (saved / "groups.json").is_file():
+@dataclass
+class SavedStream:
+    """A checkpoint's stream: complete untrained groups, the finished part of running groups, and the task
+    ids of groups to run whole."""
+
+    ready: list[Group] = field(default_factory=list)
+    partial: list[Group] = field(default_factory=list)
+    in_flight: list[str] = field(default_factory=list)
+
+
+def load_stream(saved: Path, in_flight: list[str]) -> SavedStream:
+    """What `RolloutStream.save` wrote under `saved` (nothing when it wrote nothing there)."""
+    return SavedStream(_read_groups(saved, "group"), _read_groups(saved, "partial"), list(in_flight))
+
+
+def _write_groups(out: Path, prefix: str, groups: list[Group]) -> None:
+    """PREFIX-NNNN-TABLE.parquet per group, and the records of them all in PREFIXs.json."""
+    for i, group in enumerate(groups):
+        for name in GROUP_TABLES:
+            pq.write_table(getattr(group, name), out / f"{prefix}-{i:04d}-{name}.parquet")
+    (out / f"{prefix}s.json").write_text(json.dumps([[_plain(r) for r in g.records] for g in groups]))
+
+
+def _read_groups(saved: Path, prefix: str) -> list[Group]:
+    if not (saved / f"{prefix}s.json").is_file():
         return []
     groups = []
-    for i, records in enumerate(json.loads((saved / "groups.json").read_text())):
-        tables = {name: pq.read_table(saved / f"group-{i:04d}-{name}.parquet") for name in GROUP_TABLES}
+    for i, records in enumerate(json.loads((saved / f"{prefix}s.json").read_text())):
+        tables = {name: pq.read_table(saved / f"{prefix}-{i:04d}-{name}.parquet") for name in GROUP_TABLES}
         restored = [RolloutRecord(**{**r, "history": tuple(r["history"]), "result": None}) for r in records]
         groups.append(Group(restored[0].group_id, restored[0].task_id, restored, **tables))
     return groups

@@ -204,12 +204,15 @@ class RolloutWorker:
                 if not task.cancelled():
                     finished[lease.group_id].append(task.result())
                     counts["rollouts"] += 1
-            # A group goes out once this worker runs none of its rollouts any more.
-            active_groups = {lease.group_id for lease in running.values()}
+            # A group goes out once this worker runs none of its rollouts any more, and what has finished goes
+            # out at each lease renewal: a long-running group's finished rollouts reach the pool (a checkpoint
+            # keeps them, a worker's death does not take them along).
+            renewing = time.monotonic() >= next_renew
+            active_groups = set() if renewing else {lease.group_id for lease in running.values()}
             for group_id in [g for g in finished if g not in active_groups]:
                 await self._report(pool, finished.pop(group_id))
                 counts["tables"] += 1
-            if time.monotonic() >= next_renew:
+            if renewing:
                 if running:
                     held = [(lease.rollout_id, lease.attempt) for lease in running.values()]
                     kept = set(await pool.renew.remote(self.worker_id, held))
@@ -238,7 +241,7 @@ class RolloutWorker:
             agent.cancel()
             self.outliving.add(agent.thread, rid)
             raise
-        for thread in outcome.leaked:
+        for thread in outcome.leaked + outcome.lingering:
             self.outliving.add(thread, rid)
         return outcome
 

@@ -74,6 +74,7 @@ class TaskPoolActor:
     start_batch = _forward(TaskPool.start_batch, notify=True)
     open_batch = _forward(TaskPool.open_batch)
     add_groups = _forward(TaskPool.add_groups, notify=True)
+    resume_group = _forward(TaskPool.resume_group, notify=True)
     close_batch = _forward(TaskPool.close_batch, notify=True)
     take_groups = _forward(TaskPool.take_groups)
     forget_groups = _forward(TaskPool.forget_groups)
@@ -87,6 +88,7 @@ class TaskPoolActor:
     stats = _forward(TaskPool.stats)
     state = _forward(TaskPool.state)
     load_state = _forward(TaskPool.load_state)
+    rewind = _forward(TaskPool.rewind)
     num_tasks = _forward(TaskPool.num_tasks.fget)
 
     # ---- what only the actor can do: wait, and own objects -------------------------------------------------

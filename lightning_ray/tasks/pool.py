@@ -86,6 +86,10 @@ class TaskPool(LeaseQueue):
     def load_state(self, state: dict[str, Any]) -> None:
         self._order.load_state(state)
 
+    def rewind(self) -> None:
+        """Back to the dataset's first task (validation runs the same tasks each time)."""
+        self._order.load_state({**self._order.state(), "epoch": 0, "cursor": 0})
+
     # ---- batches ---------------------------------------------------------------------------------------
 
     def start_batch(self, num_tasks: int, group_size: int | None = None) -> str:
@@ -114,6 +118,24 @@ class TaskPool(LeaseQueue):
         if unknown:
             raise KeyError(f"task ids not in this pool's dataset: {unknown!r}")
         return self._add_groups(batch, [self._tasks[t] for t in task_ids] + self._order.draw(n))
+
+    def resume_group(self, batch_id: str, group_id: str, task_id: str, indices: Sequence[int]) -> None:
+        """Queue the rollouts `indices` of a group a checkpoint saved unfinished, under its own `group_id`:
+        the rollouts it had finished were saved with the checkpoint, and only the missing ones run again. The
+        group completes when these have ended; the caller joins them with the saved ones."""
+        batch = self._batch(batch_id)
+        if not batch.open:
+            raise ValueError(f"batch {batch_id} is closed: no groups can be added to it")
+        if task_id not in self._tasks:
+            raise KeyError(f"task id not in this pool's dataset: {task_id!r}")
+        size = batch.group_size
+        if group_id in batch.groups or not indices or not all(0 <= i < size for i in indices):
+            raise ValueError(f"cannot resume group {group_id!r} with rollouts {list(indices)} of {size}")
+        group = _Group(group_id, task_id, [new_id() for _ in indices], len(indices))
+        batch.groups[group_id] = group
+        batch.remaining += len(indices)
+        for rid, i in zip(group.rollout_ids, indices, strict=True):
+            self._add(RolloutState(rid, batch.batch_id, group_id, size, i, self._tasks[task_id]))
 
     def _new_batch(self, group_size: int | None, *, is_open: bool) -> _Batch:
         group_size = self.group_size if group_size is None else group_size
@@ -228,9 +250,22 @@ class TaskPool(LeaseQueue):
             for rid in group.rollout_ids:
                 del self._rollouts[rid]
 
-    def open_groups(self, batch_id: str) -> list[str]:
-        """The task ids of the batch's groups that are started and not complete (what a checkpoint re-runs)."""
-        return [g.task_id for g in self._batch(batch_id).groups.values() if g.remaining]
+    def open_groups(self, batch_id: str) -> list[dict[str, Any]]:
+        """The batch's groups that are started and not complete (what a checkpoint saves to run again): each
+        `{"group_id", "task_id", "records"}` with the records of the rollouts that have ended."""
+        return [
+            {
+                "group_id": g.group_id,
+                "task_id": g.task_id,
+                "records": [
+                    self._record(r)
+                    for r in (self._rollouts[rid] for rid in g.rollout_ids)
+                    if r.status in FINAL_STATUSES
+                ],
+            }
+            for g in self._batch(batch_id).groups.values()
+            if g.remaining
+        ]
 
     def _ended(self, r: RolloutState) -> None:
         batch = self._batches[r.batch_id]

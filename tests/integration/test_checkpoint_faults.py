@@ -72,9 +72,9 @@ def test_disk_full_while_saving_keeps_the_last_complete_checkpoint(ray_cluster, 
                     f.write(b"\1" * (1 << 20))
             group.train_step(batch, AlgorithmConfig())
             second = run_dir / "checkpoints" / "step-000002"
-            with pytest.raises((CheckpointWriteError, LearnerFailed)) as e:
+            with pytest.raises(CheckpointWriteError) as e:  # the rank's own named error, not LearnerFailed
                 save(group, run_dir, 2)
-            message = str(cause(e.value, CheckpointWriteError))
+            message = str(e.value)
             assert f"could not write checkpoint {second}" in message and "rank 0: writing" in message
             assert "No space left on device" in message and "bytes free on the filesystem" in message
             assert not second.exists()  # the half-written folder is gone, so is its disk space

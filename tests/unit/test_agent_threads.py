@@ -113,7 +113,7 @@ def test_threads_an_agent_leaves_running_are_reported_and_classified():
     def leaker(task, llm):
         threading.Thread(target=stop.wait, name="poller", daemon=False).start()
         threading.Thread(target=time.sleep, args=(0.05,), daemon=False).start()  # ends within the grace
-        threading.Thread(target=stop.wait, name="background", daemon=True).start()  # daemon: allowed
+        threading.Thread(target=stop.wait, name="background", daemon=True).start()  # daemon: watched
         return 1.0
 
     try:
@@ -121,6 +121,7 @@ def test_threads_an_agent_leaves_running_are_reported_and_classified():
     finally:
         stop.set()
     assert [t.name for t in outcome.leaked] == ["poller"]
+    assert [t.name for t in outcome.lingering] == ["background"]  # not a failure; the worker watches it
     failure = classify_outcome(exception=LeakedThreads(outcome.leaked), reward=None)
     assert failure.kind == "leaked_threads" and "'poller' (target Event.wait)" in failure.message
 

@@ -15,6 +15,7 @@ from lightning_ray.checkpoints import (
     CHECKPOINT_MARKER,
     ENGINE_DIR,
     STREAM_GROUPS,
+    STREAM_PARTIAL,
     CheckpointWriteError,
     IncompleteCheckpoint,
     ResumeError,
@@ -41,6 +42,9 @@ def fake_checkpoint(run_dir: Path, step: int, complete: bool = True, groups: int
     (path / "config.json").write_text("{}")
     (path / STREAM_GROUPS).parent.mkdir()
     (path / STREAM_GROUPS).write_text(json.dumps([[{"rollout_id": f"r{i}"}] for i in range(groups)]))
+    (path / STREAM_PARTIAL).write_text(
+        json.dumps([[{"rollout_id": "p0"}]])
+    )  # a running group's finished part
     if complete:
         extra = {"step": step, "pool": POOL, "in_flight": ["t7", "t8", "t9"]}
         (path / CHECKPOINT_MARKER).write_text(json.dumps({"extra": extra, "files": manifest(path)}))
@@ -207,11 +211,12 @@ def test_resume_plan_names_the_checkpoint_what_it_resumes_and_what_it_skipped(tm
     (truncated / ENGINE_FILE).write_bytes(b"")
     fake_checkpoint(run_dir, 8, complete=False)
     plan = resume_plan(run_dir)
-    assert (plan.step, plan.ready_groups, plan.in_flight_groups, plan.data_position) == (4, 3, 3, POOL)
+    assert (plan.step, plan.ready_groups, plan.in_flight_groups, plan.data_position) == (4, 3, 4, POOL)
+    assert plan.partial_groups == 1
     assert [p.name for p, _ in plan.skipped] == ["step-000008", "step-000006"]
     text = plan.describe()
     assert "from step-000004 (step 4): 3 saved complete groups" in text
-    assert "3 in-flight groups to run again, data position epoch 1, task 6 of 12" in text
+    assert "4 in-flight groups to run again (1 keep their finished rollouts), data position epoch 1" in text
     assert f"skipped step-000008: no {CHECKPOINT_MARKER}" in text
     assert "skipped step-000006: deepspeed/engine/mp_rank_00_model_states.pt has 0 bytes" in text
 

@@ -35,7 +35,8 @@ def test_groups_come_out_in_completion_order_and_once():
     succeed(pool, leases[third])
     succeed(pool, leases[first][:1])  # half a group is not complete
     succeed(pool, leases[first][1:])
-    assert pool.open_groups(batch) == ["t1"]
+    [running] = pool.open_groups(batch)
+    assert (running["group_id"], running["task_id"], running["records"]) == (second, "t1", [])
     assert [g["group_id"] for g in pool.take_groups(batch, 1)] == [third]
     [taken] = pool.take_groups(batch, None)
     assert (taken["group_id"], taken["task_id"]) == (first, "t0")
@@ -162,3 +163,35 @@ def test_cancel_closes_a_stream_and_start_batch_groups_can_be_taken_too():
     plain = pool.start_batch(1)
     succeed(pool, pool.lease("w", 2))
     assert pool.batch_done(plain) and [g["task_id"] for g in pool.take_groups(plain)] == ["t2"]
+
+
+def test_a_resumed_group_runs_only_its_missing_rollouts_under_its_own_id():
+    pool = TaskPool(tasks(3), group_size=4, shuffle=False)
+    batch = pool.open_batch()
+    [group] = pool.add_groups(batch, 1)
+    leases = pool.lease("w", 100)
+    succeed(pool, [leases[0], leases[2]])
+    [running] = pool.open_groups(batch)  # what a checkpoint saves
+    assert [r.index_in_group for r in running["records"]] == [0, 2]
+
+    resumed = TaskPool(tasks(3), group_size=4, shuffle=False)  # the pool of the resumed run
+    b = resumed.open_batch()
+    resumed.resume_group(b, group, "t0", [1, 3])
+    again = resumed.lease("w", 100)
+    assert [(x.group_id, x.index_in_group, x.task_id) for x in again] == [(group, 1, "t0"), (group, 3, "t0")]
+    assert resumed.state() == pool.state() | {"cursor": 0}  # the data position does not move
+    succeed(resumed, again)
+    [taken] = resumed.take_groups(b)
+    assert taken["group_id"] == group and [r.index_in_group for r in taken["records"]] == [1, 3]
+    with pytest.raises(ValueError, match="cannot resume"):
+        resumed.resume_group(b, "g-x", "t0", [4])
+    with pytest.raises(KeyError, match="t9"):
+        resumed.resume_group(b, "g-y", "t9", [0])
+
+
+def test_rewind_draws_the_first_tasks_again():
+    pool = TaskPool(tasks(5), group_size=1, shuffle=False)
+    first = pool.start_batch(3)
+    pool.rewind()
+    again = pool.start_batch(3)
+    assert [g["task_id"] for g in pool.groups(first)] == [g["task_id"] for g in pool.groups(again)]
