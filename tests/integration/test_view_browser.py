@@ -42,7 +42,7 @@ def received_texts(run: Path, rollout_id: str) -> list[str]:
 
 
 @pytest.mark.skipif(
-    CHROMIUM is None, reason="Debian's chromium package is not installed (.ci/run installs it)"
+    CHROMIUM is None, reason="Debian's chromium package is not installed (./install.sh installs it)"
 )
 def test_the_run_page_in_chromium(run_dir):
     from playwright.sync_api import expect, sync_playwright
