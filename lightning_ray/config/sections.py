@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from lightning_ray.precision import Precision
+
 
 def is_loopback(host: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
@@ -59,7 +61,9 @@ class Placement(Section):
 
 class ModelConfig(Section):
     path: str = "builtin:smollm2-135m-instruct"
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    dtype: Precision = Field(
+        "auto", description="auto: bfloat16 where the replica's hardware computes it natively, else float32."
+    )
     chat_template: str | None = Field(None, description="Jinja file replacing the tokenizer's chat template.")
     tool_parser: str | None = Field(None, description="vLLM tool-call parser name, e.g. 'hermes'.")
 
@@ -245,7 +249,9 @@ class LearnerConfig(Section):
     num_gpus_per_worker: float = Field(0.0, ge=0)
     placement: Placement = Placement()
     zero_stage: int = Field(0, ge=0, le=3)
-    precision: Literal["float32", "bfloat16"] = "float32"
+    precision: Precision = Field(
+        "float32", description="auto: bfloat16 where the rank's hardware computes it natively, else float32."
+    )
     packing: bool = Field(True, description="Tokens shared by rows once, no padding (learner.packing).")
     max_tokens_per_micro_batch: int = Field(2048, gt=0, description="With packing; a longer row goes alone.")
     attention: Literal["auto", "sdpa", "flex_attention", "eager"] = "auto"  # see learner.engine

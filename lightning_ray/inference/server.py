@@ -23,6 +23,7 @@ from ray.serve.config import RequestRouterConfig
 from lightning_ray.config import InferenceConfig, ModelConfig, SamplingConfig
 from lightning_ray.inference.cpu_env import apply_cpu_preload, preload_report
 from lightning_ray.monitor.busy import BusyTime
+from lightning_ray.precision import resolve_precision
 from lightning_ray.weights import object_store, registry
 from lightning_ray.weights.receiver import WeightReceiverExtension
 
@@ -97,7 +98,7 @@ class InferenceServer:
         args = AsyncEngineArgs(
             model=model_dir,
             served_model_name=served_name,
-            dtype=mcfg.dtype,
+            dtype=resolve_precision(mcfg.dtype),  # `auto`: this replica's hardware decides
             max_model_len=icfg.max_model_len,
             max_num_seqs=icfg.max_num_seqs,
             enforce_eager=icfg.enforce_eager,

@@ -127,7 +127,7 @@ class LearnerGroup:
         ]
         infos = self._all("setup", [(master_addr, master_port, lr, timeout_s) for lr in local_ranks])
         self.setup_s = time.perf_counter() - t0
-        self.backend = infos[0]["backend"]
+        self.backend, self.precision = infos[0]["backend"], infos[0]["precision"]
         self.trainable_params = infos[0]["trainable_params"]
 
     def _all(self, method: str, args: list[tuple[Any, ...]] | None = None, *same: Any) -> list[Any]:

@@ -23,6 +23,7 @@ from lightning_ray.config import AlgorithmConfig, LearnerConfig
 from lightning_ray.learner import checkpoint, engine, step
 from lightning_ray.learner.export import gather_hf_state_dict
 from lightning_ray.learner.forward import micro_batches, response_logprobs
+from lightning_ray.precision import resolve_precision
 from lightning_ray.weights.senders import WeightSenders
 
 
@@ -32,6 +33,7 @@ class LearnerWorker(WeightSenders):
 
     def __init__(self, model_path: str, learner: dict[str, Any], rank: int, world_size: int, seed: int = 0):
         self.cfg = LearnerConfig.model_validate(learner)
+        self.cfg.precision = resolve_precision(self.cfg.precision)  # `auto`: this rank's hardware decides
         self.model_path = str(model_path)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         torch.set_num_threads(self.cfg.torch_threads)
@@ -57,7 +59,12 @@ class LearnerWorker(WeightSenders):
         model, self.pad_id = engine.load_model(self.model_path, self.cfg)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.engine = engine.build_engine(self.cfg, model)
-        return {"setup_s": time.perf_counter() - t0, "trainable_params": trainable, "backend": backend}
+        return {
+            "setup_s": time.perf_counter() - t0,
+            "trainable_params": trainable,
+            "backend": backend,
+            "precision": self.cfg.precision,
+        }
 
     def _reference_model(self) -> torch.nn.Module:
         if self.ref_model is None:
