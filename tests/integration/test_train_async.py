@@ -69,6 +69,7 @@ def assert_every_rollout_ends_once(run_dir: Path, steps: int, tasks_per_step: in
     assert all(e["reason"] for e in ledger if e["outcome"] != "trained"), "a drop or failure without a reason"
 
 
+@pytest.mark.slow  # CI time: K = 0 trains on current-policy tokens in test_train_checkpoint_and_resume too
 def test_synchronous_k0_trains_only_current_policy_tokens(inference, tiny_config, tmp_path):
     cfg = async_config(tiny_config, tmp_path, steps=3, staleness=0)
     rows = {r["step"]: r for r in train(cfg)}
@@ -119,6 +120,7 @@ def test_k1_run_goes_on_when_a_rollout_worker_dies(inference, tiny_config, tmp_p
     assert_every_rollout_ends_once(run_dir, 3, cfg.trainer.tasks_per_step, cfg.trainer.max_staleness)
 
 
+@pytest.mark.slow  # CI time: resume mid-stream is covered by test_stream_resume and the checkpoint test
 def test_k1_resume_mid_stream_loses_and_repeats_nothing(inference, tiny_config, tmp_path):
     cfg = async_config(tiny_config, tmp_path, steps=2, staleness=1)
     cfg.trainer.over_provision = 1.0  # complete, untrained groups wait in the stream at the checkpoint

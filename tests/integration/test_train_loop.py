@@ -62,6 +62,7 @@ def test_train_checkpoint_and_resume(inference, tiny_config, tmp_path):
     assert latest_checkpoint(run_dir).name == "step-000003"
 
 
+@pytest.mark.slow  # CI time: merging is unit-tested (test_merge.py); this is the same loop on merged rows
 def test_train_step_on_merged_multi_turn_rollouts(inference, tiny_config, tmp_path):
     """`algorithm.merge_prefix_turns`: a rollout's three prefix-extending calls train as one sequence, and the
     learner counts only the tokens the model generated (the inserted user turns are masked out)."""
@@ -85,8 +86,8 @@ def test_train_step_on_merged_multi_turn_rollouts(inference, tiny_config, tmp_pa
 @pytest.mark.parametrize(
     "name",
     [
-        "calc_openai_agents",
-        # CI time: the other frameworks' rollouts run in CI (test_frameworks.py); their training here is slow
+        # CI time: each framework's rollouts run in CI (test_frameworks.py); training them is the same loop
+        pytest.param("calc_openai_agents", marks=pytest.mark.slow),
         pytest.param("calc_langgraph", marks=pytest.mark.slow),
         pytest.param("calc_autogen", marks=pytest.mark.slow),
     ],
