@@ -167,17 +167,19 @@ def run_steps(
 
         if val_pool is not None and step % cfg.trainer.val_every == 0:
             metrics.update(validate(cfg, val_pool, stream.workers))
+        metrics["time/step_s"] = time.perf_counter() - t0  # the checkpoint below not included
+        metrics.update(busy_metrics(clock, metrics))
+        record_step_metrics(step, metrics, run=cfg.trainer.name)
+        # The step's row before its checkpoint: a run killed between the two resumes from the checkpoint
+        # before, which drops this row and runs the step again; the other way round the row would be lost.
+        log.log(step, metrics)
+        print(step_line(step, cfg.trainer.steps, metrics), flush=True)
         if step == cfg.trainer.steps or (
             cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0
         ):
             save(run_dir, step, learners, stream.pool, stream)
             prune_checkpoints(run_dir, cfg.trainer.keep_checkpoints)
             watchdog.beat()
-        metrics["time/step_s"] = time.perf_counter() - t0
-        metrics.update(busy_metrics(clock, metrics))
-        record_step_metrics(step, metrics, run=cfg.trainer.name)
-        log.log(step, metrics)
-        print(step_line(step, cfg.trainer.steps, metrics), flush=True)
     stream.close(version + 1)
 
 
