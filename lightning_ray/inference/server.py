@@ -8,7 +8,6 @@ produced by a mix of two policies.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 import uuid
@@ -20,8 +19,9 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from lightning_ray.config import InferenceConfig, ModelConfig, SamplingConfig
+from lightning_ray.config import InferenceConfig, ModelConfig
 from lightning_ray.inference.cpu_env import apply_cpu_preload, preload_report
+from lightning_ray.inference.sampling import sampling_params
 from lightning_ray.monitor.busy import BusyTime
 from lightning_ray.precision import resolve_precision
 from lightning_ray.weights import object_store, registry
@@ -32,13 +32,6 @@ APP_NAME = "lightning-ray-inference"
 FROZEN_APP_NAME = "lightning-ray-inference-frozen"
 DEPLOYMENT_NAME = "InferenceServer"
 STICKY_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
-# The configurable settings (`SamplingConfig`, named as vLLM names them) and what only a request sets;
-# `json_schema`: the answer must be JSON of this schema (vLLM structured outputs), e.g. for tool_choice "required"
-SAMPLING_KEYS = (*SamplingConfig.model_fields, "stop", "seed", "json_schema")
-# Whitespace characters a constrained JSON answer may hold in a row: room for `": "` or a newline and an indent,
-# but no room for a degenerate policy (a random model, a collapsed one) to spend max_tokens on whitespace, which the
-# plain JSON grammar allows without bound (vLLM bounds it only through a structural tag).
-JSON_MAX_WHITESPACE = 4
 
 
 def engine_env(inference: InferenceConfig) -> dict[str, str]:
@@ -52,34 +45,6 @@ def engine_env(inference: InferenceConfig) -> dict[str, str]:
         "VLLM_CPU_OMP_THREADS_BIND": inference.cpu_threads_bind,
         "OMP_NUM_THREADS": str(inference.engine_threads),
     }
-
-
-def _sampling_params(sampling: dict[str, Any], stream: bool):
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
-    unknown = set(sampling) - set(SAMPLING_KEYS)
-    if unknown:
-        raise ValueError(f"unknown sampling keys: {sorted(unknown)}")
-    params = {k: v for k, v in sampling.items() if v is not None}
-    if "json_schema" in params:
-        params["structured_outputs"] = _json_constraint(params.pop("json_schema"))
-    return SamplingParams(
-        **params,
-        n=1,
-        logprobs=0,
-        detokenize=bool(params.get("stop")),
-        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
-    )
-
-
-def _json_constraint(schema: dict[str, Any]):
-    """vLLM structured outputs for JSON of `schema`, whitespace runs bounded by `JSON_MAX_WHITESPACE`."""
-    from vllm.sampling_params import StructuredOutputsParams
-
-    json_format = {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": JSON_MAX_WHITESPACE}
-    tag = {"type": "structural_tag", "format": json_format}
-    return StructuredOutputsParams(structural_tag=json.dumps(tag))
 
 
 class InferenceServer:
@@ -228,7 +193,7 @@ class InferenceServer:
         """One engine request's deltas (the request is aborted if the consumer stops early)."""
         from vllm.inputs import TokensPrompt
 
-        params = _sampling_params(sampling, stream=True)
+        params = sampling_params(sampling, stream=True)
         version = self.version
         try:
             async for out in self.engine.generate(

@@ -18,7 +18,7 @@ from lightning_ray.gateway.protocol import (
     validation_error,
 )
 from lightning_ray.gateway.recorder import Recorder, UnknownRollout
-from lightning_ray.inference.server import SAMPLING_KEYS
+from lightning_ray.inference.sampling import SAMPLING_KEYS
 
 USER = [{"role": "user", "content": "hi"}]
 NAMED = {"type": "function", "function": {"name": "calculator"}}

@@ -19,7 +19,7 @@ from lightning_ray.gateway.tools import (
     tool_call_parser,
     tool_choice,
 )
-from lightning_ray.inference.server import _sampling_params
+from lightning_ray.inference.sampling import sampling_params
 from lightning_ray.models import builtin_tokenizer_dir
 from tests.tools import CALC_TOOL
 
@@ -218,7 +218,7 @@ def test_engine_sampling_bounds_whitespace_of_the_json_answer():
     """The engine gets the schema as an xgrammar structural tag, which bounds whitespace runs; xgrammar compiles
     it and holds answers to both the schema and the bound."""
     schema = PICK_TOOL["function"]["parameters"]
-    params = _sampling_params({"temperature": 0.0, "max_tokens": 8, "json_schema": schema}, stream=False)
+    params = sampling_params({"temperature": 0.0, "max_tokens": 8, "json_schema": schema}, stream=False)
     tag = json.loads(params.structured_outputs.structural_tag)
     assert tag["format"] == {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 4}
     compiled = xgrammar.GrammarCompiler(xgrammar.TokenizerInfo([])).compile_structural_tag(json.dumps(tag))
@@ -229,4 +229,4 @@ def test_engine_sampling_bounds_whitespace_of_the_json_answer():
 
     assert allowed('{"op":"add"}') and allowed('{\n  "op": "mul"\n}')
     assert not allowed('{"op":     "add"}') and not allowed('{"op": "div"}')
-    assert _sampling_params({"max_tokens": 8, "json_schema": None}, stream=True).structured_outputs is None
+    assert sampling_params({"max_tokens": 8, "json_schema": None}, stream=True).structured_outputs is None
