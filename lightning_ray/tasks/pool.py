@@ -131,11 +131,7 @@ class TaskPool(LeaseQueue):
         size = batch.group_size
         if group_id in batch.groups or not indices or not all(0 <= i < size for i in indices):
             raise ValueError(f"cannot resume group {group_id!r} with rollouts {list(indices)} of {size}")
-        group = _Group(group_id, task_id, [new_id() for _ in indices], len(indices))
-        batch.groups[group_id] = group
-        batch.remaining += len(indices)
-        for rid, i in zip(group.rollout_ids, indices, strict=True):
-            self._add(RolloutState(rid, batch.batch_id, group_id, size, i, self._tasks[task_id]))
+        self._add_group(batch, self._tasks[task_id], group_id, indices)
 
     def _new_batch(self, group_size: int | None, *, is_open: bool) -> _Batch:
         group_size = self.group_size if group_size is None else group_size
@@ -147,15 +143,17 @@ class TaskPool(LeaseQueue):
         return batch
 
     def _add_groups(self, batch: _Batch, tasks: list[Task]) -> list[str]:
-        size, added = batch.group_size, []
-        for task in tasks:
-            group = _Group(f"g-{secrets.token_hex(8)}", task.task_id, [new_id() for _ in range(size)], size)
-            batch.groups[group.group_id] = group
-            batch.remaining += size
-            for i, rid in enumerate(group.rollout_ids):
-                self._add(RolloutState(rid, batch.batch_id, group.group_id, size, i, task))
-            added.append(group.group_id)
-        return added
+        every = range(batch.group_size)
+        return [self._add_group(batch, task, f"g-{secrets.token_hex(8)}", every) for task in tasks]
+
+    def _add_group(self, batch: _Batch, task: Task, group_id: str, indices: Sequence[int]) -> str:
+        """Queue the rollouts `indices` of one group of `task` (all of them for a new group)."""
+        group = _Group(group_id, task.task_id, [new_id() for _ in indices], len(indices))
+        batch.groups[group_id] = group
+        batch.remaining += len(indices)
+        for rid, i in zip(group.rollout_ids, indices, strict=True):
+            self._add(RolloutState(rid, batch.batch_id, group_id, batch.group_size, i, task))
+        return group_id
 
     def _batch(self, batch_id: str) -> _Batch:
         try:
