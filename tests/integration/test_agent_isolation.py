@@ -26,10 +26,10 @@ ASYNC_MODES = [
 SYNC_MODES = ["hang", "hang", "exit", "ok", "ok", "ok", "ok"]
 
 
-def _run_watching_progress(cfg, name: str, modes: list[str], then=lambda worker, pool: None):
-    """A batch of one task per mode on one worker, polling `progress()` meanwhile, then `then(worker, pool)`;
-    returns (rows by mode, batch seconds, the slowest progress answer, the last progress, the worker's RSS growth
-    in bytes)."""
+def _run_watching_progress(cfg, name: str, modes: list[str], hung: int, then=lambda worker, pool: None):
+    """A batch of one task per mode on one worker, polling `progress()` meanwhile, then until it counts `hung`
+    hung threads (10 s at most), then `then(worker, pool)`; returns (rows by mode, batch seconds, the slowest
+    progress answer, the last progress, the worker's RSS growth in bytes)."""
     pool = task_pool_from_config(cfg, name=f"pool-{name}")
     [worker] = start_rollout_workers(cfg, pool, prefix=name)
     try:
@@ -46,8 +46,13 @@ def _run_watching_progress(cfg, name: str, modes: list[str], then=lambda worker,
         ray.get(work)
         seconds = time.monotonic() - t0
         rss_growth = psutil.Process(pid).memory_info().rss - rss_before
-        time.sleep(1.2)  # a thread is hung once it outlived its rollout by isolation.HUNG_AFTER_S
-        last = ray.get(worker.progress.remote(), timeout=10)
+        # A thread is hung once it outlived its rollout by isolation.HUNG_AFTER_S, and no longer once it ended:
+        # how long after the batch either happens depends on the machine's speed.
+        deadline = time.monotonic() + 10
+        while (last := ray.get(worker.progress.remote(), timeout=10))["hung_threads"] != hung:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         rows = _rows_by_mode(ray.get(pool.batch_results.remote(batch_id)), modes)
         then(worker, pool)
     finally:
@@ -72,7 +77,9 @@ def test_misbehaving_async_agents_fail_alone_and_the_worker_keeps_serving(infere
     cfg = config(tiny_config, tmp_path, "tests.agents:faulty_agent", ASYNC_MODES, num_workers=1, group_size=1)
     cfg.rollout.concurrency = len(ASYNC_MODES)  # all at once: the blocker stalls while the others run
     cfg.rollout.timeout_s = 6.0
-    rows, seconds, slowest, progress, rss_growth = _run_watching_progress(cfg, "iso-async", ASYNC_MODES)
+    rows, seconds, slowest, progress, rss_growth = _run_watching_progress(
+        cfg, "iso-async", ASYNC_MODES, hung=1
+    )
     print({m: [(r["status"], r["kind"], round(r["duration_s"], 2)) for r in rs] for m, rs in rows.items()})
 
     [block] = rows["block"]
@@ -121,7 +128,7 @@ def test_hung_sync_agents_hold_no_slot_and_are_counted(inference, tiny_config, t
         refused.append(caught.value)
 
     rows, seconds, slowest, progress, _ = _run_watching_progress(
-        cfg, "iso-sync", SYNC_MODES, then=with_a_lower_hung_limit
+        cfg, "iso-sync", SYNC_MODES, hung=2, then=with_a_lower_hung_limit
     )
 
     assert [r["kind"] for r in rows["hang"]] == ["timeout", "timeout"]
