@@ -1,4 +1,5 @@
-"""`lightning-ray check|serve|rollout|train CONFIG [key.sub=value ...]`, `lightning-ray view RUN_DIR`.
+"""`lightning-ray check|serve|rollout|train CONFIG [key.sub=value ...]`, `lightning-ray view RUN_DIR`,
+`lightning-ray scale RUN_DIR --workers N|auto`.
 
 Overrides may come before, between or after the options (`rollout x.yaml --limit 8 trainer.steps=3`).
 """
@@ -46,6 +47,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     view.add_argument(
         "--token", default=None, help="require this token (generated when --host is not loopback)"
     )
+    scale = commands["scale"] = sub.add_parser("scale", help="set a running elastic run's rollout workers")
+    scale.add_argument("run_dir", help="the run directory of a running `train`")
+    scale.add_argument(
+        "--workers",
+        required=True,
+        help="a count within rollout.min_workers..max_workers, or auto (queue depth)",
+    )
     return parser, commands
 
 
@@ -57,9 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     exits with an error naming it."""
     parser, commands = _parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "view":  # a run directory, no config and no overrides
+    if args.command in ("view", "scale"):  # a run directory, no config and no overrides
         if rest:
-            commands["view"].error(f"unrecognized arguments: {' '.join(rest)}")
+            commands[args.command].error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.command == "scale" and args.workers != "auto" and not args.workers.isdigit():
+            commands["scale"].error(f"--workers: a number or auto, not {args.workers!r}")
         return args
     words = [*args.overrides, *rest]
     if flags := [w for w in words if w.startswith("-")]:
@@ -124,6 +134,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         except KeyboardInterrupt:
             return 130
+        return 0
+    if args.command == "scale":
+        from lightning_ray.scale import ScaleError, scale_workers
+
+        try:
+            print(scale_workers(args.run_dir, None if args.workers == "auto" else int(args.workers)))
+        except ScaleError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     try:
         cfg = load_config(args.config, args.overrides)

@@ -44,6 +44,7 @@ from lightning_ray.rollouts.stack import start_rollout_stack, stop_rollout_stack
 from lightning_ray.rollouts.stream import RolloutStream, SavedStream, load_stream
 from lightning_ray.rollouts.supervisor import RolloutWorkers
 from lightning_ray.runtime import init_ray, run_directory
+from lightning_ray.scale import write_run_address
 from lightning_ray.tasks.actor import task_pool_from_config
 from lightning_ray.view.app import start_view
 from lightning_ray.weights import sync_weights
@@ -58,6 +59,7 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
     plan = resume_plan(resume) if resume else None  # a wrong folder fails before Ray starts
     init_ray(cfg)
     run_dir = run_directory(cfg, "train", resume)  # names the run's apps and actors (`lightning_ray.names`)
+    write_run_address(run_dir, cfg)  # where `lightning-ray scale` finds the run
     inference, pool, workers = start_rollout_stack(cfg, "train")
     val_pool = learners = None
     try:  # whatever fails from here on, the stack started above is stopped
@@ -130,7 +132,7 @@ def run_steps(
 ) -> None:
     """Steps `start + 1` .. `trainer.steps`, then the stream's close (after the last checkpoint: a resumed run
     trains what the close drops as run_ended)."""
-    clock = BusyClock(inference, stream.workers.handles)
+    clock = BusyClock(inference, lambda: stream.workers.handles)
     version = start
     for step in range(start + 1, cfg.trainer.steps + 1):
         version, t0 = step - 1, time.perf_counter()
@@ -163,7 +165,7 @@ def run_steps(
         metrics.update({"time/rollout_s": t1 - t0, "time/learner_s": t2 - t1, "time/broadcast_s": t3 - t2})
         metrics.update(sync_metrics(synced))
         metrics.update({f"ledger/{k}": n for k, n in stream.ledger.take_counts().items()})
-        metrics["rollout/worker_restarts"] = stream.workers.restarts
+        metrics.update(stream.workers.metrics())
 
         if val_pool is not None and step % cfg.trainer.val_every == 0:
             metrics.update(validate(cfg, val_pool, stream.workers))
@@ -203,6 +205,7 @@ def write_summary(
 ) -> None:
     """RUN_DIR/summary.json: how the run ended and where every rollout it started went, also printed."""
     summary: dict[str, Any] = {**end, "worker_restarts": workers.restarts, "worker_deaths": workers.deaths}
+    summary["workers_added"], summary["workers_retired"] = workers.added, workers.retired
     checkpoint = latest_checkpoint(run_dir)
     summary["latest_checkpoint"] = str(checkpoint) if checkpoint else None
     if stream is not None:

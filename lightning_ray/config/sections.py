@@ -83,8 +83,48 @@ class SamplingConfig(Section):
     max_tokens: int = Field(256, gt=0)
 
 
+def check_autoscaling(autoscaling: dict[str, Any]) -> None:
+    """`inference.autoscaling` as Ray Serve's `AutoscalingConfig` reads it (which ignores unknown keys, so
+    they are checked here); every error names the field."""
+    from pydantic import ValidationError
+    from ray.serve.config import AutoscalingConfig
+
+    where = "inference.autoscaling"
+    unknown = sorted(set(autoscaling) - set(AutoscalingConfig.model_fields))
+    if unknown:
+        raise ValueError(
+            f"{where}.{unknown[0]}: not a Ray Serve autoscaling field; use one of "
+            f"{', '.join(AutoscalingConfig.model_fields)}"
+        )
+    try:
+        parsed = AutoscalingConfig(**autoscaling)
+    except ValidationError as e:
+        raise ValueError(
+            "; ".join(
+                f"{'.'.join([where, *map(str, err['loc'])])}: {err['msg'].removeprefix('Value error, ')}"
+                for err in e.errors()
+            )
+        ) from None
+    if parsed.min_replicas < 1:
+        raise ValueError(
+            f"{where}.min_replicas: {parsed.min_replicas}; must be >= 1 (a training run always generates, and a "
+            "weight update needs a replica to reach)"
+        )
+
+
 class InferenceConfig(Section):
-    num_replicas: int = Field(1, gt=0)
+    num_replicas: int = Field(1, gt=0, description="Fixed number of vLLM replicas (without `autoscaling`).")
+    autoscaling: dict[str, Any] | None = Field(
+        None,
+        description="Unset: `num_replicas` fixed replicas. Set: Ray Serve's own `autoscaling_config` of the "
+        "inference deployment, passed through as is (min_replicas, max_replicas, initial_replicas, "
+        "target_ongoing_requests, upscale_delay_s, downscale_delay_s, ...; checked with Serve's "
+        "`AutoscalingConfig` when the config loads); a `num_replicas` the config sets is then the count Serve starts "
+        "with (initial_replicas) and must lie within min_replicas..max_replicas. min_replicas must be >= 1 "
+        "(a training run always generates). A replica Serve adds loads the policy version published last before it "
+        "takes traffic; the resource check before a run counts the replicas Serve starts with (initial_replicas, "
+        "else min_replicas); replicas above that wait for room (or for the cluster's autoscaler).",
+    )
     num_cpus_per_replica: float = Field(1.0, gt=0)
     num_gpus_per_replica: float = Field(0.0, ge=0)
     tensor_parallel_size: int = Field(1, gt=0)
@@ -150,6 +190,46 @@ class InferenceConfig(Section):
             raise ValueError(f"{name!r} is not a weight path; use one of {', '.join(PATHS)}")
         return name
 
+    @field_validator("autoscaling")
+    @classmethod
+    def _serve_autoscaling(cls, autoscaling: dict[str, Any] | None) -> dict[str, Any] | None:
+        if autoscaling is not None:
+            check_autoscaling(autoscaling)
+        return autoscaling
+
+    @model_validator(mode="after")
+    def _replicas_fixed_or_autoscaled(self) -> InferenceConfig:
+        if self.autoscaling is None or "num_replicas" not in self.model_fields_set:
+            return self
+        if "initial_replicas" in self.autoscaling:
+            raise ValueError(
+                "inference.num_replicas and inference.autoscaling.initial_replicas are both set: with autoscaling, "
+                "num_replicas is the initial_replicas; set one"
+            )
+        try:
+            check_autoscaling(self.serve_autoscaling())
+        except ValueError as e:
+            raise ValueError(
+                f"{e} (inference.num_replicas={self.num_replicas} is the initial_replicas)"
+            ) from None
+        return self
+
+    def serve_autoscaling(self) -> dict[str, Any] | None:
+        """The deployment's `autoscaling_config`: `autoscaling`, with `num_replicas` as its `initial_replicas`
+        when the config sets `num_replicas`; None for fixed replicas."""
+        if self.autoscaling is None:
+            return None
+        if "num_replicas" in self.model_fields_set:
+            return {"initial_replicas": self.num_replicas, **self.autoscaling}
+        return dict(self.autoscaling)
+
+    def starting_replicas(self) -> int:
+        """How many replicas Serve starts the deployment with."""
+        autoscaling = self.serve_autoscaling()
+        if autoscaling is None:
+            return self.num_replicas
+        return autoscaling.get("initial_replicas") or autoscaling.get("min_replicas", 1)
+
     @model_validator(mode="after")
     def _tp_needs_gpus(self) -> InferenceConfig:
         if self.tensor_parallel_size > 1 and self.num_gpus_per_replica < self.tensor_parallel_size:
@@ -183,7 +263,23 @@ class GatewayConfig(Section):
 
 class RolloutConfig(Section):
     agent: str = Field("examples.calc.agent:calc_agent", description="module:function or module:Class")
-    num_workers: int = Field(2, gt=0)
+    num_workers: int = Field(2, gt=0, description="Workers a run starts with.")
+    min_workers: int | None = Field(
+        None,
+        gt=0,
+        description="Elastic workers: the fewest the run scales down to (unset: num_workers). With min_workers < "
+        "max_workers the run scales on queue depth (`lightning_ray.rollouts.scaling`) and `lightning-ray scale` "
+        "sets a count by hand.",
+    )
+    max_workers: int | None = Field(None, gt=0, description="The most workers (unset: num_workers).")
+    scale_up_delay_s: float = Field(
+        10.0, ge=0, description="How long the queue must ask for more workers before one is added."
+    )
+    scale_down_delay_s: float = Field(
+        60.0,
+        ge=0,
+        description="How long the queue must need fewer workers before one is drained and stopped.",
+    )
     num_cpus_per_worker: float = Field(0.25, gt=0)
     placement: Placement = Placement()
     concurrency: int = Field(8, gt=0, description="Concurrent rollouts per worker.")
@@ -212,6 +308,21 @@ class RolloutConfig(Section):
         description="Untrained roles served by a frozen snapshot of the starting policy (a second inference "
         "deployment that never receives weight updates); the other roles use the live policy.",
     )
+
+    @property
+    def worker_bounds(self) -> tuple[int, int]:
+        """(min_workers, max_workers), unset ones as `num_workers`."""
+        return self.min_workers or self.num_workers, self.max_workers or self.num_workers
+
+    @model_validator(mode="after")
+    def _workers_within_bounds(self) -> RolloutConfig:
+        lo, hi = self.worker_bounds
+        if not lo <= self.num_workers <= hi:
+            raise ValueError(
+                f"rollout.num_workers={self.num_workers} must lie within rollout.min_workers={lo} and "
+                f"rollout.max_workers={hi}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _frozen_roles_are_not_trained(self) -> RolloutConfig:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
@@ -48,32 +48,40 @@ class BusyTime:
 
 
 class BusyClock:
-    def __init__(self, inference: Any, workers: list[Any]):
+    """Busy fractions over the time between two reads. `workers` returns the serving rollout workers (an elastic
+    run's change); each worker's growth counts only from its first read, so a worker that joins or leaves
+    moves no average."""
+
+    def __init__(self, inference: Any, workers: Callable[[], list[Any]]):
         self.inference, self.workers = inference, workers
         self.last, self.t = self.read(), time.perf_counter()
 
-    def read(self) -> dict[str, float]:
-        """Mean running totals over the replicas and the live workers (a dead worker is left out)."""
+    def read(self) -> dict[str, Any]:
+        """The replicas' mean running total, and each live worker's by actor id (a dead worker is left out)."""
         from lightning_ray.inference.server import InferenceServer
 
         replicas = self.inference.broadcast(InferenceServer.busy_seconds.__name__).results(
             timeout_s=READ_TIMEOUT_S, return_exceptions=True
         )
-        refs = [w.busy_seconds.remote() for w in self.workers]
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=READ_TIMEOUT_S)
-        agents = []
-        for ref in done:
+        workers = {w._actor_id.hex(): w.busy_seconds.remote() for w in self.workers()}
+        done, _ = ray.wait(list(workers.values()), num_returns=len(workers), timeout=READ_TIMEOUT_S)
+        agents = {}
+        for actor, ref in workers.items():
             try:
-                agents.append(ray.get(ref))
+                agents[actor] = ray.get(ref, timeout=0) if ref in done else None
             except ray.exceptions.RayError:
                 continue
-        return {"inference": _mean(replicas), "agents": _mean(agents)}
+        return {"inference": _mean(replicas), "agents": {k: v for k, v in agents.items() if v is not None}}
 
     def fractions(self) -> dict[str, float]:
         """Busy fraction of inference and agents since the last call."""
         now, t = self.read(), time.perf_counter()
         wall = max(t - self.t, 1e-9)
-        out = {f"time/{part}_busy_frac": max(0.0, now[part] - self.last[part]) / wall for part in now}
+        grown = [now["agents"][k] - v for k, v in self.last["agents"].items() if k in now["agents"]]
+        out = {
+            "time/inference_busy_frac": max(0.0, now["inference"] - self.last["inference"]) / wall,
+            "time/agents_busy_frac": max(0.0, _mean(grown)) / wall,
+        }
         self.last, self.t = now, t
         return out
 

@@ -46,6 +46,12 @@ GAUGES = {
         "The policy version every inference replica serves after the last step's sync.",
         (),
     ),
+    "workers": (
+        "workers",
+        "Rollout workers and inference replicas after the last step: serving, retiring, and the count scaling "
+        "aims at.",
+        ("role", "state"),
+    ),
 }
 
 
@@ -89,9 +95,19 @@ STEP_PARTS = {
 }
 
 
+WORKER_COUNTS = {
+    ("rollout", "serving"): "rollout/workers",
+    ("rollout", "target"): "rollout/workers_target",
+    ("rollout", "retiring"): "rollout/workers_retiring",
+    ("inference", "serving"): "inference/replicas",
+    ("inference", "target"): "inference/replicas_target",
+}
+
+
 def record_step_metrics(step: int, metrics: dict[str, Any], run: str = "run") -> None:
     """Export one step's row of metrics.jsonl (`lightning_ray.loop.run_steps`): its time per part, generated
-    tokens per second, staleness and the policy version the replicas now serve. Keys a row lacks are skipped."""
+    tokens per second, staleness, the policy version the replicas now serve, and how many rollout workers and
+replicas there are. Keys a row lacks are skipped."""
     m = _get_metrics()
     tags = {"run": run}
     m["step"].set(step, tags=tags)
@@ -105,3 +121,6 @@ def record_step_metrics(step: int, metrics: dict[str, Any], run: str = "run") ->
             m["staleness"].set(metrics[f"staleness/{stat}"], tags={**tags, "stat": stat})
     if metrics.get("sync/version") is not None:
         m["policy_version"].set(metrics["sync/version"], tags=tags)
+    for (role, state), key in WORKER_COUNTS.items():
+        if metrics.get(key) is not None:
+            m["workers"].set(metrics[key], tags={**tags, "role": role, "state": state})

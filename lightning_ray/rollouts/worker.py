@@ -109,6 +109,7 @@ class RolloutWorker:
         self.open_rollouts: set[str] = set()
         self.closed_calls = 0  # LLM calls recorded in rollouts that have ended
         self.rollouts_finished = 0
+        self.draining = False  # `drain()`: lease nothing more, finish what runs
         capture.install()
 
     async def start(self) -> str:
@@ -132,6 +133,13 @@ class RolloutWorker:
         """Seconds this worker had at least one rollout running, since it started (a running total, so the
         driver takes differences)."""
         return self.busy.seconds()
+
+    @ray.method(concurrency_group="control")
+    def drain(self) -> None:
+        """Lease no more rollouts: every `work` call returns once the rollouts it runs have finished and been
+        reported (an elastic run scales this worker down, `RolloutWorkers.scale_to`). The driver also retires
+        the worker in its pools, which answers a lease call that waits for work at once."""
+        self.draining = True
 
     @ray.method(concurrency_group="control")
     def progress(self) -> dict[str, int]:
@@ -161,7 +169,8 @@ class RolloutWorker:
 
         One lease call is always out while there is room for more rollouts; the pool answers it as soon as work
         comes in (or the batch is done), so neither an idle nor a busy worker polls. With `rollout.max_hung_threads`
-        agent threads hung, it leases no more, finishes what runs and raises `HungAgentThreads`.
+        agent threads hung, it leases no more, finishes what runs and raises `HungAgentThreads`. Once drained
+        (`drain`) it leases no more either, finishes what runs and returns.
         """
         pool = pool or self.pool
         running: dict[asyncio.Future, Lease] = {}
@@ -178,12 +187,13 @@ class RolloutWorker:
                 asking is None
                 and free > 0
                 and not batch_done
+                and not self.draining
                 and len(hung) < self.cfg.rollout.max_hung_threads
             ):
                 asking = asyncio.ensure_future(
                     pool.lease.remote(self.worker_id, free, wait_s=renew_every, batch_id=batch_id)
                 )
-            if batch_done and not running:
+            if (batch_done or self.draining) and not running and asking is None:
                 return counts
             if not running and asking is None:  # no room for work: too many hung threads
                 raise HungAgentThreads(
@@ -197,7 +207,7 @@ class RolloutWorker:
                 leases, asking = asking.result(), None
                 for lease in leases:
                     running[asyncio.create_task(self._run_one(lease, sampling or {}))] = lease
-                if not leases:
+                if not leases and not self.draining:
                     batch_done = await pool.batch_done.remote(batch_id)
             for task in done & running.keys():
                 lease = running.pop(task)
@@ -329,8 +339,11 @@ class RolloutWorker:
             await self.gateway.stop()
 
 
-def start_rollout_workers(cfg: Config, pool: Any, prefix: str = "rollout-worker") -> list[Any]:
-    """Start `rollout.num_workers` workers (fractional CPUs) and wait until each gateway is up (at most
+def start_rollout_workers(
+    cfg: Config, pool: Any, prefix: str = "rollout-worker", first: int = 0
+) -> list[Any]:
+    """Start `rollout.num_workers` workers (fractional CPUs), the named actors `<prefix>-<first + i>`, and wait
+    until each gateway is up (at most
     `trainer.stall_timeout_s`, and at least `STARTUP_DEADLINE_S`: an agent's setup that hangs is `RunStalled`,
     not a silent wait)."""
     # progress() runs in the "control" group: a thread and loop of its own, free while the worker's loop is busy
@@ -343,7 +356,7 @@ def start_rollout_workers(cfg: Config, pool: Any, prefix: str = "rollout-worker"
             name=f"{prefix}-{i}",
             **cfg.rollout.placement.actor_options(),  # which nodes (`rollout.placement`)
         ).remote(f"{prefix}-{i}-{os.urandom(3).hex()}", cfg.model_dump(), pool, pythonpath)
-        for i in range(cfg.rollout.num_workers)
+        for i in range(first, first + cfg.rollout.num_workers)
     ]
     starts = [w.start.remote() for w in workers]
     try:

@@ -71,6 +71,8 @@ class TaskPoolActor:
 
     register_worker = _forward(TaskPool.register_worker)
     report_worker_dead = _forward(TaskPool.report_worker_dead, notify=True)
+    retire_worker = _forward(TaskPool.retire_worker, notify=True)  # its waiting lease call answers [] at once
+    request_workers = _forward(TaskPool.request_workers)
     start_batch = _forward(TaskPool.start_batch, notify=True)
     open_batch = _forward(TaskPool.open_batch)
     add_groups = _forward(TaskPool.add_groups, notify=True)
@@ -97,12 +99,15 @@ class TaskPoolActor:
         self, worker_id: str, max_n: int = 1, wait_s: float = 0.0, batch_id: str | None = None
     ) -> list[Lease]:
         """`TaskPool.lease`; with `wait_s`, an empty queue is waited on for up to `wait_s` seconds, or until
-        batch `batch_id` is done. An empty answer means: nothing came in time, or the batch is done."""
+        batch `batch_id` is done. An empty answer means: nothing came in time, the batch is done, or the worker
+        retires (`retire_worker`)."""
         self._start()
         deadline = asyncio.get_running_loop().time() + wait_s
         while True:
             leases = self._pool.lease(worker_id, max_n)
-            if leases or (batch_id is not None and self._pool.batch_done(batch_id)):
+            if leases or self._pool.retiring(worker_id):
+                return leases
+            if batch_id is not None and self._pool.batch_done(batch_id):
                 return leases
             if not await self._wait_for_change(deadline):
                 return []

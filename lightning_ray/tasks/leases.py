@@ -65,6 +65,7 @@ class _Worker:
     alive: bool = True
     reason: str = ""
     held: set[str] = field(default_factory=set)
+    retiring: bool = False  # scaled down: finishes what it holds, leases nothing more
 
 
 def new_id() -> str:
@@ -85,6 +86,7 @@ class LeaseQueue(ABC):
         self._rollouts: dict[str, RolloutState] = {}
         self._queue: deque[str] = deque()
         self._workers: dict[str, _Worker] = {}
+        self._workers_requested: int | None = None  # `lightning-ray scale`; None: queue depth decides
         # Cumulative counters outlive the rollouts they counted, so `stats()` adds up over the whole run.
         self._by_status: Counter[str] = Counter()
         self._failures_by_kind: Counter[str] = Counter()
@@ -128,6 +130,22 @@ class LeaseQueue(ABC):
             self._revoke(self._rollouts[rid], f"worker {worker_id} died: {reason}")
         return held
 
+    def request_workers(self, n: int | None) -> None:
+        """How many rollout workers the run should have (`lightning-ray scale`), or None to scale on queue
+        depth again. The driver reads it with `stats()`; the pool only keeps it, as the run's named actor."""
+        if n is not None and n < 1:
+            raise ValueError(f"a run needs at least one rollout worker, not {n}")
+        self._workers_requested = n
+
+    def retire_worker(self, worker_id: str) -> None:
+        """The worker leases nothing more (an elastic run scales it down); what it holds it still finishes and
+        reports. Its leases are only revoked if it dies, as any worker's are."""
+        self._worker(worker_id).retiring = True
+
+    def retiring(self, worker_id: str) -> bool:
+        w = self._workers.get(worker_id)
+        return w is not None and w.retiring
+
     def _worker(self, worker_id: str) -> _Worker:
         w = self._workers.get(worker_id)
         if w is None:
@@ -145,6 +163,8 @@ class LeaseQueue(ABC):
         now = time.monotonic() if now is None else now
         self.expire_leases(now)
         leases: list[Lease] = []
+        if w.retiring:
+            return leases
         while self._queue and len(leases) < max_n:
             r = self._rollouts.get(self._queue.popleft())
             if r is None or r.status is not RolloutStatus.QUEUED:

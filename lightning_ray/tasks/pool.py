@@ -295,8 +295,10 @@ class TaskPool(LeaseQueue):
                 "batches": self._batches_started,
                 "batches_done": self._batches_done,
                 "groups_done": self._groups_done,
-                "workers_alive": sum(w.alive for w in self._workers.values()),
-                "workers_dead": sum(not w.alive for w in self._workers.values()),
+                "workers_alive": sum(w.alive and not w.retiring for w in self._workers.values()),
+                "workers_dead": sum(not w.alive and not w.retiring for w in self._workers.values()),
+                "workers_retired": sum(w.retiring for w in self._workers.values()),
+                "workers_requested": self._workers_requested,
             }
         else:
             batch = self._batch(batch_id)

@@ -21,6 +21,7 @@ WANTED = [
     "ray_lightning_ray_rollout_tokens_per_second",
     "ray_lightning_ray_staleness",
     "ray_lightning_ray_policy_version",
+    "ray_lightning_ray_workers",
 ]
 
 
