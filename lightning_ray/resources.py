@@ -26,7 +26,9 @@ def check_resources(cfg: Config, resources: dict[str, float]) -> None:
         problems.append(
             f"learner.num_gpus_per_worker: {lrn.num_gpus_per_worker} > {gpus:g} GPUs in the cluster"
         )
-    replicas = inf.num_replicas * (2 if ro.frozen_agents else 1)  # the frozen snapshot is a second deployment
+    # The replicas Serve starts with (autoscaling adds more only where there is room); the frozen snapshot is a
+    # second deployment.
+    replicas = inf.starting_replicas() * (2 if ro.frozen_agents else 1)
     need_gpus = replicas * inf.num_gpus_per_replica + lrn.num_workers * lrn.num_gpus_per_worker
     if need_gpus > gpus + 1e-9:
         problems.append(f"inference+learner ask for {need_gpus:g} GPUs, the cluster has {gpus:g}")
@@ -53,7 +55,7 @@ class PlacementError(ConfigError):
 def role_demands(cfg: Config) -> list[tuple[str, int, dict[str, float], dict[str, str]]]:
     """Per role: its config section, how many actors, what each asks for, the node labels they need."""
     inf, lrn, ro = cfg.inference, cfg.learner, cfg.rollout
-    replicas = inf.num_replicas * (2 if ro.frozen_agents else 1)
+    replicas = inf.starting_replicas() * (2 if ro.frozen_agents else 1)
     return [
         (
             "inference",

@@ -94,7 +94,10 @@ class InferenceServer:
         """Serve the weights the app's registry names (`lightning_ray.weights.registry`), if any were published;
         read again after each load, so an update published meanwhile is not missed."""
         loaded = None
-        while (published := await registry.lookup()) is not None and published != loaded:
+        while True:
+            published = await registry.lookup(self.replica, self.version)
+            if published is None or published == loaded:
+                return
             try:
                 await self.update_weights(object_store.NAME, {"state": published.state}, published.version)
             except Exception as e:
@@ -231,8 +234,16 @@ class InferenceServer:
         }
 
     async def prepare_weights(self, path: str, request: dict[str, Any]) -> None:
-        """The path's set-up before a transfer (e.g. join a process group); may block until peers arrive."""
-        await self._on_workers(WeightReceiverExtension.prepare_weights, path, request, self.replica)
+        """The path's set-up before a transfer (e.g. join a process group); may block until peers arrive. A
+        replica the driver did not plan for (`_planned`) stays out."""
+        if self._planned(request):
+            await self._on_workers(WeightReceiverExtension.prepare_weights, path, request, self.replica)
+
+    def _planned(self, payload: Any) -> bool:
+        """Whether an update or set-up that numbers the vLLM workers (`worker_slots`) counted this replica: one
+        that Serve added after the driver planned it (autoscaling, a restart) was not."""
+        slots = payload.get("worker_slots") if isinstance(payload, dict) else None
+        return slots is None or self.replica in slots
 
     async def update_weights(
         self, path: str, payload: Any, version: int, if_older: bool = False
@@ -245,11 +256,15 @@ class InferenceServer:
         from lightning_ray.weights import PATHS
 
         async with self._update_lock:
-            if if_older and self.version >= version:
+            # A replica the update did not plan for answers `planned: False`; `recovery.converge` brings it to
+            # `version` through the registry.
+            planned = self._planned(payload)
+            if (if_older and self.version >= version) or not planned:
                 return {
                     "replica": self.replica,
                     "policy_version": self.version,
                     "skipped": True,
+                    "planned": planned,
                     "total_s": 0.0,
                 }
             t0 = time.perf_counter()
@@ -320,7 +335,8 @@ def _replica_name() -> str:
 
 
 def inference_app(model_dir: str | Path, model: ModelConfig, inference: InferenceConfig) -> serve.Application:
-    """The Serve application: `num_replicas` engines, sticky per rollout (session id) for prefix-cache reuse."""
+    """The Serve application: `num_replicas` engines (or as many as Serve's autoscaling keeps, with
+    `inference.autoscaling`), sticky per rollout (session id) for prefix-cache reuse."""
     served_name = (
         model.path.removeprefix("builtin:") if model.path.startswith("builtin:") else Path(model.path).name
     )
@@ -331,7 +347,6 @@ def inference_app(model_dir: str | Path, model: ModelConfig, inference: Inferenc
     }
     options: dict[str, Any] = {
         "name": DEPLOYMENT_NAME,
-        "num_replicas": inference.num_replicas,
         "max_ongoing_requests": inference.max_num_seqs * 4,
         "request_router_config": RequestRouterConfig(request_router_class=STICKY_ROUTER),
         "health_check_period_s": 10,
@@ -339,6 +354,10 @@ def inference_app(model_dir: str | Path, model: ModelConfig, inference: Inferenc
         # Serve's access log writes a line per request: thousands per training step in the driver's terminal.
         "logging_config": {"enable_access_log": False},
     }
+    if inference.autoscaling is not None:
+        options["autoscaling_config"] = inference.serve_autoscaling()
+    else:
+        options["num_replicas"] = inference.num_replicas
     if inference.tensor_parallel_size > 1:
         # vLLM places its TP workers in the replica's placement group; the replica itself needs no GPU.
         options["placement_group_bundles"] = [

@@ -272,9 +272,11 @@ def sync(ctx: SyncContext, version: int) -> list[dict[str, Any]]:
     """The update through the group (built or rebuilt first when needed); on a failure in the group, this
     update goes through the object store and the group is left, to be rebuilt at the next update."""
     try:
-        group_id = ensure_group(ctx)
+        group_id, slots = ensure_group(ctx)
         sent = ctx.start_send(NAME, {})  # the learner's send and the replicas' receive meet in each broadcast
-        results = ctx.update(NAME, {"group_id": group_id}, version)
+        # A replica Serve added since the group was built is not in `slots`: it skips this update (the
+        # driver brings it up from the registry) and joins the group built at the next one.
+        results = ctx.update(NAME, {"group_id": group_id, "worker_slots": slots}, version)
         stats = ray.get(sent, timeout=DRIVER_TIMEOUTS * ctx.timeout_s)[0]
     except GROUP_FAILURES as e:
         log.warning(
@@ -289,25 +291,24 @@ def sync(ctx: SyncContext, version: int) -> list[dict[str, Any]]:
     return [{**r, "bytes": stats["bytes"], "buckets": stats["buckets"]} for r in results]
 
 
-def ensure_group(ctx: SyncContext) -> str:
+def ensure_group(ctx: SyncContext) -> tuple[str, dict[str, int]]:
     """The id of a group holding learner rank 0 and exactly the live replicas' workers, building a new one
-    when the current group (if any) does not."""
+    when the current group (if any) does not; and the replicas' worker slots in it."""
     replicas = ctx.status(NAME)
     learner = ctx.learner_status(NAME)
     world_size = 1 + sum(r["workers"] for r in replicas)
     group_id = learner.get("group_id")
     in_group = all(r.get("group_id") == group_id for r in replicas)
+    slots = worker_slots(replicas)
     if group_id is not None and in_group and learner["world_size"] == world_size:
-        return group_id
+        return group_id, slots
     check_distinct_devices(learner["device"], replicas)
     spec = ctx.prepare(NAME, {"world_size": world_size, "timeout_s": ctx.timeout_s})
     from lightning_ray.inference.server import InferenceServer
 
-    ctx.on_replicas(
-        InferenceServer.prepare_weights, NAME, {"spec": spec, "worker_slots": worker_slots(replicas)}
-    )
+    ctx.on_replicas(InferenceServer.prepare_weights, NAME, {"spec": spec, "worker_slots": slots})
     log.info("weight group %s: %s, %d ranks", spec["group_id"], ctx.backend, world_size)
-    return spec["group_id"]
+    return spec["group_id"], slots
 
 
 def check_distinct_devices(learner_device: str | None, replicas: list[dict[str, Any]]) -> None:

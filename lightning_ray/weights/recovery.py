@@ -3,8 +3,9 @@
 A replica that dies mid-update fails only its own part of the broadcast (`update_surviving` leaves it out).
 Serve starts a replacement, which loads the weights published in the app's registry before it takes traffic
 (`lightning_ray.weights.registry`); `converge` then waits, bounded by `inference.weight_sync_timeout_s`, until
-Serve runs every replica again, checks the version each one serves, and pushes the published weights to any
-that lags (one whose constructor read the registry just before the publish). What it cannot fix in time is
+the replicas Serve runs (its autoscaling may add or remove some meanwhile) all serve the version: it checks
+the version each one serves and pushes the published weights to any that lags (one whose constructor read
+the registry just before the publish, or one added after the update was planned). What it cannot fix in time is
 a `WeightSyncError` that names the replicas and why.
 """
 
@@ -18,6 +19,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
 from lightning_ray.faults import RunFault, first_line
+from lightning_ray.inference.replicas import LEAVING, ROUTED, replica_states
 from lightning_ray.weights import registry
 from lightning_ray.weights.base import update_replicas
 
@@ -67,37 +69,56 @@ def update_surviving(
 def converge(
     replicas: DeploymentHandle, version: int, timeout_s: float, results: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """Once Serve runs every replica of the deployment, each serves `version`: the path's result for those it
-    updated (`results`), a load of the published weights for any that lagged, and `path: "registry"` for a
-    replacement that loaded them at start. Raises `WeightSyncError` after `timeout_s`."""
+    """Once every replica Serve routes to serves `version` and none still starting may come up older
+    (`awaited`), returns one result per routed replica: the path's result for those it updated (`results`), a
+    load of the published weights for any that lagged, and `path: "registry"` for one that loaded them at
+    start. Replicas Serve adds or removes meanwhile (a restart, autoscaling) are taken as they come; a replica
+    Serve cannot place yet is not waited for, since it will read the registry when it starts. Raises
+    `WeightSyncError` after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     done = {r["replica"]: r for r in results}
     while True:
-        problem = not_running(replicas)
-        if problem is None:
-            try:
-                infos = replicas.broadcast("model_info").results(
-                    timeout_s=max(1.0, deadline - time.monotonic()), return_exceptions=True
-                )
-            except DeploymentUnavailableError as err:  # the handle has not seen the replacement yet
-                infos = [err]
-            lost = [first_line(i) for i in infos if isinstance(i, BaseException)]
-            lagging = {
-                i["replica"]: i["policy_version"]
-                for i in infos
-                if not isinstance(i, BaseException) and i["policy_version"] < version
-            }
-            if not lost and not lagging:
-                return [done.get(i["replica"]) or _loaded_at_start(i) for i in infos]
-            if lagging:
-                done.update({r["replica"]: r for r in push_published(replicas, version, deadline)})
-            problem = f"replicas serving older versions: {lagging}; unreachable: {lost}"
+        try:
+            infos = replicas.broadcast("model_info").results(
+                timeout_s=max(1.0, deadline - time.monotonic()), return_exceptions=True
+            )
+        except DeploymentUnavailableError as err:  # the handle has not seen the replacement yet
+            infos = [err]
+        lost = [first_line(i) for i in infos if isinstance(i, BaseException)]
+        serving = {i["replica"]: i for i in infos if not isinstance(i, BaseException)}
+        lagging = {r: i["policy_version"] for r, i in serving.items() if i["policy_version"] < version}
+        if lagging:
+            done.update({r["replica"]: r for r in push_published(replicas, version, deadline)})
+        waiting = awaited(replicas, version, set(serving))
+        if not lost and not lagging and not waiting:
+            return [done.get(r) or _loaded_at_start(i) for r, i in serving.items()]
+        problem = f"replicas serving older versions: {lagging}; unreachable: {lost}; waiting for: {waiting}"
         if time.monotonic() >= deadline:
             raise WeightSyncError(
                 f"after {timeout_s:.0f} s (inference.weight_sync_timeout_s) not every replica of app "
                 f"{replicas.app_name!r} serves policy version {version}: {problem}"
             )
         time.sleep(POLL_S)
+
+
+def awaited(replicas: DeploymentHandle, version: int, seen: set[str]) -> dict[str, str]:
+    """Replicas (id: why) a sync to `version` must still see: a routed one the handle does not reach yet, and
+    a starting one whose constructor read the registry before `version` was published (it would come up on
+    an older policy). A starting replica that has not read the registry yet will load `version` itself, and
+    one that is stopping takes no more requests: neither is waited for."""
+    states = replica_states(replicas.app_name, replicas.deployment_name)
+    if states is None:
+        return {"*": f"Serve has no deployment {replicas.deployment_name!r} in app {replicas.app_name!r}"}
+    started = registry.started_versions(replicas.app_name)
+    waiting = {}
+    for replica, state in states.items():
+        if replica in seen or state in LEAVING:
+            continue
+        if state in ROUTED:
+            waiting[replica] = f"{state}, not reached by the handle yet"
+        elif started.get(replica, version) < version:
+            waiting[replica] = f"{state} on policy version {started[replica]}"
+    return waiting
 
 
 def push_published(replicas: DeploymentHandle, version: int, deadline: float) -> list[dict[str, Any]]:

@@ -4,7 +4,9 @@ Every weight update publishes `(version, state)` here before the replicas load i
 ref of the HF-named state dict (the object store path's own `ray.put`; the other paths publish a copy). A
 replica that Serve starts later (a restart after a crash, one more replica) reads the registry in its
 constructor and loads that state before Serve routes it any traffic, so it never serves the starting weights
-of an older version (`InferenceServer.__init__`).
+of an older version (`InferenceServer.__init__`). Each of those reads records the version the replica serves
+then: one that read just before a publish, and was not yet running for the update that followed, is found
+this way and brought up to date by `recovery.converge`, which need not wait for any other starting replica.
 
 Lifetimes: the registry is created by the driver (`reset`, called when the app is deployed, or the first
 `publish`), which keeps a handle to it, so it lives as long as the driver; replicas only look it up, since an
@@ -44,6 +46,7 @@ class WeightRegistry:
 
     def __init__(self) -> None:
         self.published: Published | None = None
+        self.started: dict[str, int] = {}  # replica id -> the version it served when it last read `published`
 
     def publish(self, version: int, state: list[ray.ObjectRef]) -> None:
         if self.published is not None and version < self.published.version:
@@ -56,8 +59,16 @@ class WeightRegistry:
     def current(self) -> Published | None:
         return self.published
 
+    def current_for(self, replica: str, serving: int) -> Published | None:
+        self.started[replica] = serving
+        return self.published
+
+    def started_versions(self) -> dict[str, int]:
+        return dict(self.started)
+
     def clear(self) -> None:
         self.published = None
+        self.started.clear()
 
 
 def registry_name(app_name: str) -> str:
@@ -97,11 +108,18 @@ def current(app_name: str, timeout_s: float = 60.0) -> Published | None:
     return ray.get(_registry(app_name).current.remote(), timeout=timeout_s)
 
 
-async def lookup(timeout_s: float = 60.0) -> Published | None:
-    """From a Serve replica (on its event loop): what its app serves now; None when nothing was published (the
-    starting weights), outside Serve, or when the app has no registry (deployed without the driver's `reset`)."""
+def started_versions(app_name: str, timeout_s: float = 60.0) -> dict[str, int]:
+    """From the driver: the version each replica of the app served when its constructor last read the
+    registry (replicas that have not read it yet are not listed)."""
+    return ray.get(_registry(app_name).started_versions.remote(), timeout=timeout_s)
+
+
+async def lookup(replica: str, serving: int, timeout_s: float = 60.0) -> Published | None:
+    """From the constructor of Serve replica `replica` (on its event loop), which serves version `serving`:
+    what its app serves now; None when nothing was published (the starting weights), outside Serve, or when
+    the app has no registry (deployed without the driver's `reset`)."""
     try:
         actor = ray.get_actor(registry_name(serve.get_replica_context().app_name), namespace=NAMESPACE)
     except (RayServeException, ValueError):  # not in a replica; no registry
         return None
-    return await asyncio.wait_for(actor.current.remote(), timeout_s)
+    return await asyncio.wait_for(actor.current_for.remote(replica, serving), timeout_s)
