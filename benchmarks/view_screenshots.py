@@ -28,11 +28,14 @@ def main(run_dir: str, out: str = "benchmarks/results") -> None:
             expect(page.locator("body[data-ready='1']")).to_have_count(1, timeout=60_000)
             page.wait_for_timeout(1000)
             page.screenshot(path=out_dir / "view_curves.png")
-            # the rollout with the highest reward (the first of them)
+            # the best rollout of a group whose rewards differ (a group that taught something), else the best
             rows = page.locator("#rollout-table tr[data-open]")
-            rewards = [float(r) for r in rows.evaluate_all("rs => rs.map(r => r.dataset.reward)")]
-            best = rewards.index(max(rewards))
-            rows.nth(best).click()
+            seen = rows.evaluate_all(
+                "rs => rs.map(r => [Number(r.dataset.reward), r.cells[0].innerText + '/' + r.cells[1].innerText])"
+            )
+            spread = {g for _, g in seen if len({r for r, h in seen if h == g}) > 1}
+            pick = max(range(len(seen)), key=lambda i: (seen[i][1] in spread, seen[i][0], -i))
+            rows.nth(pick).click()
             detail = page.locator("#rollout-detail")
             expect(detail).to_have_count(1, timeout=60_000)
             detail.locator("details").nth(1).evaluate("e => e.open = true")  # its tokens, shaded by log-prob
