@@ -30,6 +30,7 @@ from lightning_ray.config import Config
 from lightning_ray.data.merge import merge_prefix_turns, select_trained_calls
 from lightning_ray.data.schema import write_parquet
 from lightning_ray.faults import STARTUP_DEADLINE_S, TaskPoolLost, first_line, get
+from lightning_ray.inference.replicas import replica_counts
 from lightning_ray.learner.group import LearnerGroup
 from lightning_ray.models import resolve_model
 from lightning_ray.monitor.busy import BusyClock
@@ -164,6 +165,9 @@ def run_steps(
         t3 = time.perf_counter()
         metrics.update({"time/rollout_s": t1 - t0, "time/learner_s": t2 - t1, "time/broadcast_s": t3 - t2})
         metrics.update(sync_metrics(synced))
+        replicas = replica_counts(inference.app_name)  # `inference.autoscaling` moves them
+        metrics["inference/replicas"] = replicas["running"]
+        metrics["inference/replicas_target"] = replicas["target"]
         metrics.update({f"ledger/{k}": n for k, n in stream.ledger.take_counts().items()})
         metrics.update(stream.workers.metrics())
 

@@ -15,10 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 STORE = 256 * 1024**2  # object store per node
 
 
-def start_cluster(workdir: str) -> tuple[Any, dict[str, str], list[str]]:
+def start_cluster(
+    workdir: str, head_args: dict[str, Any] | None = None
+) -> tuple[Any, dict[str, str], list[str]]:
     """Head (inference_node), a learner node (learner_node, label pool=train) and a rollout node (rollout_node x2),
-    2 CPUs each; a tiny model and four tasks in `workdir`. Returns the cluster, each role's node id, and config
-    overrides that join it and place every role on its node."""
+    2 CPUs each; a tiny model and four tasks in `workdir`. `head_args` add to or replace the
+    head's `ray.init`-style arguments (a dashboard, a temp dir). Returns the cluster, each role's node id, and
+    config overrides that join it and place every role on its node."""
     from ray.cluster_utils import Cluster
 
     from lightning_ray.models import make_tiny_model
@@ -30,6 +33,7 @@ def start_cluster(workdir: str) -> tuple[Any, dict[str, str], list[str]]:
             "resources": {"inference_node": 1},
             "include_dashboard": False,
             "object_store_memory": STORE,
+            **(head_args or {}),
         },
     )
     learner = cluster.add_node(
