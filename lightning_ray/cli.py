@@ -1,5 +1,5 @@
 """`lightning-ray check|serve|rollout|train CONFIG [key.sub=value ...]`, `lightning-ray view RUN_DIR`,
-`lightning-ray scale RUN_DIR --workers N|auto`.
+`lightning-ray scale RUN_DIR --workers N|auto`, `lightning-ray runner URL --agent module:fn`.
 
 Overrides may come before, between or after the options (`rollout x.yaml --limit 8 trainer.steps=3`).
 """
@@ -54,6 +54,24 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         required=True,
         help="a count within rollout.min_workers..max_workers, or auto (queue depth)",
     )
+    runner = commands["runner"] = sub.add_parser(
+        "runner", help="run an agent's rollouts for a train run with gateway.runners.enabled, over HTTP"
+    )
+    runner.add_argument("url", help="the run's runners gateway (printed at start, RUN_DIR/runners.json)")
+    runner.add_argument("--agent", required=True, help="module:function or module:Class, as rollout.agent")
+    runner.add_argument(
+        "--token",
+        default=os.environ.get("LIGHTNING_RAY_TOKEN"),
+        help="gateway.auth_token ($LIGHTNING_RAY_TOKEN)",
+    )
+    runner.add_argument("--name", default="runner", help="part of this runner's id in the run's records")
+    runner.add_argument("--concurrency", type=int, default=1, help="rollouts run at once")
+    runner.add_argument(
+        "--max-rollouts", type=int, default=None, help="stop after N rollouts (default: never)"
+    )
+    runner.add_argument(
+        "--patience", type=float, default=30.0, help="seconds to wait for a gateway that does not answer"
+    )
     return parser, commands
 
 
@@ -65,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     exits with an error naming it."""
     parser, commands = _parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command in ("view", "scale"):  # a run directory, no config and no overrides
+    if args.command in ("view", "scale", "runner"):  # no config and no overrides
         if rest:
             commands[args.command].error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "scale" and args.workers != "auto" and not args.workers.isdigit():
@@ -124,8 +142,36 @@ def cmd_view(run_dir: str, host: str, port: int, token: str | None) -> None:
         page.stop()
 
 
+def cmd_runner(args: argparse.Namespace) -> int:
+    """Run rollouts for the run at `args.url` until it is over (or `--max-rollouts`)."""
+    from lightning_ray.runners.client import RemoteRunner, RunnerError, RunnerGone
+
+    sys.path.insert(0, os.getcwd())  # the agent's module, as rollout workers find it
+    runner = RemoteRunner(
+        args.url, args.token, name=args.name, concurrency=args.concurrency, patience_s=args.patience
+    )
+    try:
+        counts = runner.run(args.agent, max_rollouts=args.max_rollouts)
+    except RunnerGone as e:
+        if runner.runner_id is None:
+            print(f"error: no train run answers at {args.url}: {e}", file=sys.stderr)
+            return 1
+        counts = dict(runner.counts)
+        print(f"the run is over ({e})")
+    except RunnerError as e:
+        print(f"error: the run refused this runner: {e}", file=sys.stderr)
+        return 2
+    print(f"runner {runner.runner_id}: rollouts {counts}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "runner":
+        try:
+            return cmd_runner(args)
+        except KeyboardInterrupt:
+            return 130
     if args.command == "view":
         try:
             cmd_view(args.run_dir, args.host, args.port, args.token)

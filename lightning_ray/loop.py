@@ -44,6 +44,7 @@ from lightning_ray.rollouts.ledger import Ledger, accounting, accounting_line
 from lightning_ray.rollouts.stack import start_rollout_stack, stop_rollout_stack
 from lightning_ray.rollouts.stream import RolloutStream, SavedStream, load_stream
 from lightning_ray.rollouts.supervisor import RolloutWorkers
+from lightning_ray.runners.host import start_runner_gateway
 from lightning_ray.runtime import init_ray, run_directory
 from lightning_ray.scale import write_run_address
 from lightning_ray.tasks.actor import task_pool_from_config
@@ -62,8 +63,10 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
     run_dir = run_directory(cfg, "train", resume)  # names the run's apps and actors (`lightning_ray.names`)
     write_run_address(run_dir, cfg)  # where `lightning-ray scale` finds the run
     inference, pool, workers = start_rollout_stack(cfg, "train")
-    val_pool = learners = None
+    val_pool = learners = runners = None
     try:  # whatever fails from here on, the stack started above is stopped
+        if cfg.gateway.runners.enabled:
+            runners = start_runner_gateway(cfg, inference, pool, run_dir)
         val_pool = task_pool_from_config(cfg, "val") if cfg.data.val and cfg.trainer.val_every else None
         learners = LearnerGroup(
             cfg.learner,
@@ -77,6 +80,8 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
     finally:
         if learners is not None:
             learners.shutdown()
+        if runners is not None:
+            runners.stop_sync()
         stop_rollout_stack(cfg, workers, [pool, val_pool])
     return log.rows
 

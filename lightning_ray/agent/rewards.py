@@ -68,10 +68,14 @@ class RewardSink:
     """Collects the rewards of one rollout. Thread-safe; closed when the rollout ends."""
 
     def __init__(
-        self, rollout_id: str | None = None, latest_call_index: Callable[[], int | None] | None = None
+        self,
+        rollout_id: str | None = None,
+        latest_call_index: Callable[[], int | None] | None = None,
+        on_emit: Callable[[EmittedReward], None] | None = None,
     ) -> None:
         self.rollout_id = rollout_id
         self._latest_call_index = latest_call_index
+        self._on_emit = on_emit
         self._lock = threading.Lock()
         self._rewards: list[EmittedReward] = []
         self._closed = False
@@ -86,15 +90,19 @@ class RewardSink:
                 log.exception("latest_call_index() failed for rollout %s", self.rollout_id)
         reward = EmittedReward(value=value, dims=dims, time=time.time(), call_index=call_index)
         with self._lock:
-            if not self._closed:
+            closed = self._closed
+            if closed:
+                self.late += 1
+            else:
                 self._rewards.append(reward)
-                return
-            self.late += 1
-        warnings.warn(
-            f"emit_reward({value}) arrived after rollout {self.rollout_id} ended; it was dropped",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        if closed:
+            warnings.warn(
+                f"emit_reward({value}) arrived after rollout {self.rollout_id} ended; it was dropped",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        elif self._on_emit is not None:
+            self._on_emit(reward)
 
     @property
     def rewards(self) -> list[EmittedReward]:
@@ -182,17 +190,20 @@ def emit_reward(value: float, **dims: float) -> None:
 
 @contextmanager
 def open_reward_sink(
-    rollout_id: str | None = None, latest_call_index: Callable[[], int | None] | None = None
+    rollout_id: str | None = None,
+    latest_call_index: Callable[[], int | None] | None = None,
+    on_emit: Callable[[EmittedReward], None] | None = None,
 ) -> Iterator[RewardSink]:
     """Open the reward sink of one rollout for the code run inside the `with` block (and what it starts).
 
     `latest_call_index`, if given, is called at every emit (in the emitting thread) and should return the
-    index of the rollout's latest LLM call, so a reward can be credited to the call it follows. Read
+    index of the rollout's latest LLM call, so a reward can be credited to the call it follows. `on_emit`, if
+    given, gets each reward kept, in the emitting thread (a remote runner sends it to its gateway). Read
     `sink.rewards` after the block; the sink is closed on exit and later emits are dropped with a warning.
     Use it inside the asyncio task (or thread) that runs the rollout: each task has its own context.
     """
     install_thread_propagation()
-    sink = RewardSink(rollout_id, latest_call_index)
+    sink = RewardSink(rollout_id, latest_call_index, on_emit)
     token = _CURRENT_SINK.set(sink)
     try:
         yield sink

@@ -240,6 +240,18 @@ class InferenceConfig(Section):
         return self
 
 
+class RunnersConfig(Section):
+    """Remote runners (`lightning_ray.runners`): a train run's task API for agents running outside the cluster."""
+
+    enabled: bool = Field(
+        False, description="A train run opens a gateway with the task API (URL in RUN_DIR/runners.json)."
+    )
+    host: str = Field(
+        "127.0.0.1", description="Its bind address; other than loopback needs gateway.auth_token."
+    )
+    port: int = Field(0, ge=0, le=65535, description="0 picks a free port.")
+
+
 class GatewayConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0 picks a free port.")
@@ -249,11 +261,14 @@ class GatewayConfig(Section):
         "config.yaml, wandb and logs (`lightning_ray.config.public_dump`); read it with `token()`.",
     )
     max_request_bytes: int = Field(4 * 1024 * 1024, gt=0)
+    runners: RunnersConfig = RunnersConfig()
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> GatewayConfig:
         if not is_loopback(self.host) and not self.token():
             raise ValueError(f"host={self.host!r} is not loopback: set gateway.auth_token")
+        if self.runners.enabled and not is_loopback(self.runners.host) and not self.token():
+            raise ValueError(f"runners.host={self.runners.host!r} is not loopback: set gateway.auth_token")
         return self
 
     def token(self) -> str | None:

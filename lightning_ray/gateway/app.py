@@ -5,6 +5,7 @@
     /rollout/{rollout_id}/v1/models[/{model}]            GET
     /rollout/{rollout_id}/agent/{role}/v1/...            the same, calls recorded under agent `role`
     /rollouts  POST, /rollouts/{rollout_id}  GET|DELETE  management (standalone `lightning-ray serve` only)
+    /runners, /tasks/...                                 the remote runners' task API (`lightning_ray.runners`)
     /health                                              GET, no auth
 
 Errors are OpenAI-style JSON bodies. With a bearer token configured, every route but /health needs it.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -54,6 +55,7 @@ from lightning_ray.gateway.responses import (
 from lightning_ray.gateway.tools import load_parser_class
 
 M = TypeVar("M", bound=BaseModel)
+AddRoutes = Callable[[FastAPI, GatewayState, str], None]  # (app, state, public_url)
 
 
 def create_app(
@@ -63,8 +65,11 @@ def create_app(
     auth_token: str | None = None,
     max_request_bytes: int = 4 * 1024 * 1024,
     manage_rollouts: bool = False,
+    add_routes: AddRoutes | None = None,
 ) -> FastAPI:
-    """The gateway app. `public_url` is how callers reach it (used in `POST /rollouts` answers)."""
+    """The gateway app. `public_url` is how callers reach it (used in `POST /rollouts` answers). `add_routes`
+    adds routes of another API (the remote runners' task API, `lightning_ray.runners`), behind the same token
+    and error handling."""
     app = FastAPI(title="lightning-ray gateway", docs_url=None, redoc_url=None, openapi_url=None)
     if auth_token:
         app.add_middleware(BearerAuth, token=auth_token)
@@ -117,6 +122,8 @@ def create_app(
 
     if manage_rollouts:
         _add_management_routes(app, state, public_url)
+    if add_routes is not None:
+        add_routes(app, state, public_url)
     return app
 
 

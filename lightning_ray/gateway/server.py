@@ -34,7 +34,7 @@ from lightning_ray.config import (
     resolve_path,
 )
 from lightning_ray.data.schema import Transition
-from lightning_ray.gateway.app import create_app
+from lightning_ray.gateway.app import AddRoutes, create_app
 from lightning_ray.gateway.calls import GatewayState
 from lightning_ray.gateway.engine import Engine
 from lightning_ray.gateway.recorder import Recorder
@@ -115,6 +115,7 @@ async def start_gateway(
     manage_rollouts: bool = False,
     tool_parser: str | None = None,
     frozen_handle: Any | None = None,
+    add_routes: AddRoutes | None = None,
 ) -> Gateway:
     """Start a gateway in the running event loop; returns once it accepts connections.
 
@@ -130,6 +131,7 @@ async def start_gateway(
     manage_rollouts: also serve `POST /rollouts`, `GET|DELETE /rollouts/{id}` (standalone `serve`).
     tool_parser: vLLM tool-call parser for requests with tools (overrides `model.tool_parser`; default
         "hermes", see `tools.py`).
+    add_routes: adds another API's routes to the app (`create_app`).
     """
     gw_cfg, sampling, chat_template = _settings(config, sampling, chat_template)
     if tool_parser is None and isinstance(config, Config):
@@ -170,6 +172,7 @@ async def start_gateway(
         auth_token=token,
         max_request_bytes=gw_cfg.max_request_bytes,
         manage_rollouts=manage_rollouts,
+        add_routes=add_routes,
     )
     server = _Server(
         uvicorn.Config(

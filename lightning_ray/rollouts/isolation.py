@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_ray.agent.rewards import current_reward_sink, started_threads
+from lightning_ray.agent.rewards import BadReward, coerce_reward, current_reward_sink, started_threads
 
 LEAK_GRACE_S = 0.5  # how long threads the agent started may take to end after it returned
 HUNG_AFTER_S = 1.0  # a thread still alive this long after its rollout ended counts as hung
@@ -64,6 +64,18 @@ class AgentOutcome:
     error: BaseException | None = None
     leaked: list[threading.Thread] = field(default_factory=list)  # non-daemon: the rollout fails
     lingering: list[threading.Thread] = field(default_factory=list)  # daemon: watched only
+
+    def ending(self) -> tuple[BaseException | None, float | None]:
+        """The exception that decides how the agent's run ended (what it raised, threads it leaked, a reward
+        that is not a finite number), else its validated reward."""
+        if self.error is not None:
+            return self.error, None
+        if self.leaked:
+            return LeakedThreads(self.leaked), None
+        try:
+            return None, coerce_reward(self.value)
+        except BadReward as e:
+            return e, None
 
 
 class AgentThread:

@@ -26,72 +26,22 @@ import ray
 
 from lightning_ray.agent import LLM
 from lightning_ray.agent.api import load_agent
-from lightning_ray.agent.rewards import (
-    BadReward,
-    EmittedReward,
-    coerce_reward,
-    open_reward_sink,
-    rollout_reward,
-)
+from lightning_ray.agent.rewards import open_reward_sink
 from lightning_ray.config import Config
 from lightning_ray.data.schema import FinishedRollout, Transition, group_tables
 from lightning_ray.faults import STARTUP_DEADLINE_S, get
 from lightning_ray.monitor.busy import BusyTime
-from lightning_ray.monitor.errors import RETRIED_KINDS, classify_outcome
+from lightning_ray.monitor.errors import classify_outcome
 from lightning_ray.rollouts import capture
-from lightning_ray.rollouts.isolation import AgentOutcome, AgentThread, LeakedThreads, OutlivingThreads
-from lightning_ray.tasks.records import Lease, RolloutReport
+from lightning_ray.rollouts.endings import finished_rollout, report_of
+from lightning_ray.rollouts.isolation import AgentOutcome, AgentThread, OutlivingThreads
+from lightning_ray.tasks.records import Lease
 
 log = logging.getLogger(__name__)
 
 
 class HungAgentThreads(RuntimeError):
     """Too many agent threads of this worker would not stop: it takes no more work, replace it."""
-
-
-def credit_emitted(transitions: list[Transition], emitted: list[EmittedReward]) -> None:
-    """Per-call rewards: an emitted reward is credited to the LLM call it follows (summed per call)."""
-    per_call: dict[int, float] = defaultdict(float)
-    for r in emitted:
-        if r.call_index is not None:
-            per_call[r.call_index] += r.value
-    for t in transitions:
-        if t.call_index in per_call:
-            t.reward = per_call[t.call_index]
-
-
-def _report_of(r: FinishedRollout) -> RolloutReport:
-    failure = None
-    if r.status != "succeeded":
-        failure = {
-            "kind": r.failure_kind,
-            "exc_type": r.error_type,
-            "message": r.error_message or "",
-            "traceback": r.traceback or "",
-        }
-    retry = r.failure_kind in RETRIED_KINDS
-    return RolloutReport(r.rollout_id, r.attempt, r.status, r.failure_kind, r.reward, failure, retry)
-
-
-def _ending(outcome: AgentOutcome) -> tuple[BaseException | None, float | None]:
-    """The exception that decides how the agent's run ended (what it raised, threads it leaked, a reward
-    that is not a finite number), else its validated reward."""
-    if outcome.error is not None:
-        return outcome.error, None
-    if outcome.leaked:
-        return LeakedThreads(outcome.leaked), None
-    try:
-        return None, coerce_reward(outcome.value)
-    except BadReward as e:
-        return e, None
-
-
-def reward_dims(emitted: list[EmittedReward]) -> dict[str, float]:
-    dims: dict[str, float] = defaultdict(float)
-    for r in emitted:
-        for k, v in r.dims.items():
-            dims[k] += v
-    return dict(dims)
 
 
 class RolloutWorker:
@@ -233,7 +183,7 @@ class RolloutWorker:
 
     async def _report(self, pool: Any, rollouts: list[FinishedRollout]) -> None:
         """The group's tables and how each of its rollouts ended, in one call to the pool."""
-        await pool.report_group.remote(group_tables(rollouts), [_report_of(r) for r in rollouts])
+        await pool.report_group.remote(group_tables(rollouts), [report_of(r) for r in rollouts])
 
     async def _run_one(self, lease: Lease, overrides: dict[str, Any]) -> FinishedRollout:
         with self.busy.running():
@@ -289,36 +239,25 @@ class RolloutWorker:
                 self._close(rid)  # lease revoked: the rollout runs elsewhere now
                 raise
             else:
-                exception, returned = _ending(outcome)
+                exception, returned = outcome.ending()
         transitions = self._close(rid)
-        secret = self.cfg.gateway.token()
-        emitted = sink.rewards
-        credit_emitted(transitions, emitted)
-        reward = None if exception is not None else rollout_reward(returned, emitted)
-        failure = classify_outcome(
-            exception=exception,
-            timed_out=timed_out,
-            timeout_s=self.cfg.rollout.timeout_s,
-            reward=reward,
-            last_finish_reason=transitions[-1].finish_reason if transitions else None,
-            llm_base_url=llm.base_url,
-        )
-        return FinishedRollout(
-            rollout_id=rid,
-            task_id=lease.task_id,
-            group_id=lease.group_id,
-            attempt=lease.attempt,
-            status="succeeded" if failure is None else failure.status,
-            transitions=transitions,
-            reward=reward,
-            reward_dims=reward_dims(emitted),
-            failure_kind=failure.kind if failure else None,
-            error_type=failure.exc_type if failure else None,
-            error_message=capture.masked(failure.message, secret) if failure else None,
-            traceback=capture.masked(failure.traceback, secret) if failure else None,
+        ending = returned
+        if exception is not None:
+            ending = classify_outcome(
+                exception=exception,
+                timed_out=timed_out,
+                timeout_s=self.cfg.rollout.timeout_s,
+                llm_base_url=llm.base_url,
+            )
+        return finished_rollout(
+            lease,
+            transitions,
+            sink.rewards,
+            ending,
             duration_s=time.perf_counter() - t0,
             worker=self.worker_id,
-            logs=capture.masked(output.getvalue(), secret),
+            logs=output.getvalue(),
+            secret=self.cfg.gateway.token(),
         )
 
     async def stop(self) -> None:
