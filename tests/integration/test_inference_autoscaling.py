@@ -103,7 +103,6 @@ def test_added_replica_serves_the_current_policy_and_scales_back_down(autoscaled
         answers = every_replica(autoscaled, "generate", PROMPT, GREEDY)
         assert len({a["replica"] for a in answers}) == 2
         assert [a["policy_version"] for a in answers] == [version + 1] * 2
-        assert answers[0]["response_ids"] == answers[1]["response_ids"]
         assert len(set(every_replica(autoscaled, "weights_checksum"))) == 1
 
         # A sync with both running reaches both.

@@ -64,3 +64,18 @@ def test_registry_records_the_version_each_starting_replica_read():
     assert reg.started_versions() == {"a": 0, "b": 2}
     reg.clear()
     assert reg.started_versions() == {}
+
+
+def test_placement_and_tensor_parallel_bundles_apply_to_every_autoscaled_replica():
+    cfg = config(
+        "inference.autoscaling={max_replicas: 3}",
+        "inference.tensor_parallel_size=2",
+        "inference.num_gpus_per_replica=2",
+        "inference.placement={resources: {inference_node: 0.01}, labels: {pool: a}}",
+    )
+    deployment = inference_app("/model", cfg.model, cfg.inference)._bound_deployment
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 3
+    replica = deployment._replica_config
+    assert replica.placement_group_bundles == [{"CPU": 1.0, "inference_node": 0.01}, {"GPU": 1}, {"GPU": 1}]
+    assert replica.placement_group_strategy == "STRICT_PACK"
+    assert replica.placement_group_bundle_label_selector == [{"pool": "a"}] * 3
