@@ -16,12 +16,14 @@ STORE = 256 * 1024**2  # object store per node
 
 
 def start_cluster(
-    workdir: str, head_args: dict[str, Any] | None = None
+    workdir: str, head_args: dict[str, Any] | None = None, temp_dir: str | None = None
 ) -> tuple[Any, dict[str, str], list[str]]:
     """Head (inference_node), a learner node (learner_node, label pool=train) and a rollout node (rollout_node x2),
-    2 CPUs each; a tiny model and four tasks in `workdir`. `head_args` add to or replace the
-    head's `ray.init`-style arguments (a dashboard, a temp dir). Returns the cluster, each role's node id, and
-    config overrides that join it and place every role on its node."""
+    2 CPUs each; a tiny model and four tasks in `workdir`. `head_args` add to or replace the head's arguments (a
+    dashboard). `temp_dir`: each node gets a Ray temp dir of its own under it (`0` the head), as separate machines
+    have; a job's `--working-dir` needs that: each node unpacks it when a worker there first needs it, replacing
+    the folder, which on one shared temp dir deletes the job driver's working directory under it. Returns the
+    cluster, each role's node id, and config overrides that join it and place every role on its node."""
     from ray.cluster_utils import Cluster
 
     from lightning_ray.models import make_tiny_model
@@ -33,13 +35,20 @@ def start_cluster(
             "resources": {"inference_node": 1},
             "include_dashboard": False,
             "object_store_memory": STORE,
+            **own_temp_dir(temp_dir, 0),
             **(head_args or {}),
         },
     )
     learner = cluster.add_node(
-        num_cpus=2, resources={"learner_node": 1}, labels={"pool": "train"}, object_store_memory=STORE
+        num_cpus=2,
+        resources={"learner_node": 1},
+        labels={"pool": "train"},
+        object_store_memory=STORE,
+        **own_temp_dir(temp_dir, 1),
     )
-    rollout = cluster.add_node(num_cpus=2, resources={"rollout_node": 2}, object_store_memory=STORE)
+    rollout = cluster.add_node(
+        num_cpus=2, resources={"rollout_node": 2}, object_store_memory=STORE, **own_temp_dir(temp_dir, 2)
+    )
     cluster.wait_for_nodes()
     model = make_tiny_model(Path(workdir) / "model")
     data = Path(workdir) / "tasks.jsonl"
@@ -61,6 +70,10 @@ def start_cluster(
     ]
     nodes = {"inference": cluster.head_node.node_id, "learner": learner.node_id, "rollout": rollout.node_id}
     return cluster, nodes, overrides
+
+
+def own_temp_dir(temp_dir: str | None, node: int) -> dict[str, str]:
+    return {"temp_dir": str(Path(temp_dir) / str(node))} if temp_dir else {}
 
 
 def run_script(script: str, workdir: Path, timeout_s: float = 900) -> dict[str, Any]:

@@ -54,9 +54,9 @@ SCRIPT = textwrap.dedent(
     workdir, dashboard, agent, temp_dir = sys.argv[1:5]
     head = {
         "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": int(dashboard),
-        "dashboard_agent_listen_port": int(agent), "temp_dir": temp_dir,
+        "dashboard_agent_listen_port": int(agent),
     }
-    cluster, nodes, overrides = start_cluster(workdir, head)
+    cluster, nodes, overrides = start_cluster(workdir, head, temp_dir)
     try:
         (Path(workdir) / "cluster.json").write_text(json.dumps({"nodes": nodes, "overrides": overrides}))
         signal.pause()
@@ -125,7 +125,7 @@ def test_job_submit_trains_across_nodes_and_fails_fast_on_a_bad_config(tmp_path)
 
     jobs = ["lr-job-ok", "lr-job-bad-config"]
     try:
-        wait_for_job_agent(address, agent, token, cluster, log, ray_tmp)
+        wait_for_job_agent(address, agent, token, cluster, log, f"{ray_tmp}/0")  # the head's temp dir
         info = wait_for_file(tmp_path / "cluster.json", cluster, log)
         assert http_get(f"{address}/api/jobs/", None)[0] == 401  # the Jobs API is closed without the token
         # ...and the CLI sends the token only with RAY_AUTH_MODE=token, as the README's commands set it
@@ -137,7 +137,8 @@ def test_job_submit_trains_across_nodes_and_fails_fast_on_a_bad_config(tmp_path)
         )
         output = submit(jobs[0], ok, timeout_s=420)
         assert output.startswith("rc=0") and f"Job '{jobs[0]}' succeeded" in output, output[-6000:]
-        assert "SUCCEEDED" in ray_cli("job", "status", "--address", address, jobs[0]).stdout
+        status = ray_cli("job", "status", "--address", address, jobs[0])
+        assert "SUCCEEDED" in status.stdout + status.stderr, status
         logs = ray_cli("job", "logs", "--address", address, jobs[0]).stdout
         assert "step 1/2" in logs and "step 2/2" in logs, logs[-4000:]
         [run_dir] = (tmp_path / "runs" / "job").iterdir()
@@ -151,7 +152,7 @@ def test_job_submit_trains_across_nodes_and_fails_fast_on_a_bad_config(tmp_path)
         listed = ray_cli(
             "list", "actors", "--address", address, "--detail", "--format", "json", "--limit", "1000"
         )
-        actors = json.loads(listed.stdout)
+        actors = json.loads(listed.stdout[listed.stdout.index("[") :])
         nodes_of = {
             role: {a["node_id"] for a in actors if a["class_name"].startswith(prefix)}
             for role, prefix in {
@@ -167,7 +168,8 @@ def test_job_submit_trains_across_nodes_and_fails_fast_on_a_bad_config(tmp_path)
         output = submit(jobs[1], bad, timeout_s=240)
         assert not output.startswith("rc=0") and f"Job '{jobs[1]}' failed" in output, output[-6000:]
         assert time.monotonic() - started < 120, "a config error must fail the job at once"
-        assert "FAILED" in ray_cli("job", "status", "--address", address, jobs[1]).stdout
+        status = ray_cli("job", "status", "--address", address, jobs[1])
+        assert "FAILED" in status.stdout + status.stderr, status
         logs = ray_cli("job", "logs", "--address", address, jobs[1]).stdout
         assert "trainer.stpes: unknown field" in logs, logs[-4000:]
     finally:
