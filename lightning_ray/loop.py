@@ -29,6 +29,7 @@ from lightning_ray.checkpoints import (
 from lightning_ray.config import Config
 from lightning_ray.data.merge import merge_prefix_turns, select_trained_calls
 from lightning_ray.data.schema import write_parquet
+from lightning_ray.data.sft_files import SftFiles
 from lightning_ray.faults import STARTUP_DEADLINE_S, TaskPoolLost, first_line, get
 from lightning_ray.inference.replicas import replica_counts
 from lightning_ray.learner.group import LearnerGroup
@@ -47,6 +48,7 @@ from lightning_ray.rollouts.supervisor import RolloutWorkers
 from lightning_ray.runners.host import start_runner_gateway
 from lightning_ray.runtime import init_ray, run_directory
 from lightning_ray.scale import write_run_address
+from lightning_ray.sft_loop import best_of_groups, learner_metrics, run_file_steps, sft_files
 from lightning_ray.tasks.actor import task_pool_from_config
 from lightning_ray.view.app import start_view
 from lightning_ray.weights import sync_weights
@@ -59,6 +61,7 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
     `trainer.max_staleness` versions behind), then the replicas serve version `s`. However the run ends,
     RUN_DIR/summary.json says how, with the accounting of every rollout the run started."""
     plan = resume_plan(resume) if resume else None  # a wrong folder fails before Ray starts
+    files = sft_files(cfg)  # `sft.source: files`: read and selected before Ray starts
     init_ray(cfg)
     run_dir = run_directory(cfg, "train", resume)  # names the run's apps and actors (`lightning_ray.names`)
     write_run_address(run_dir, cfg)  # where `lightning-ray scale` finds the run
@@ -76,7 +79,7 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
             max_bad_steps=cfg.trainer.max_bad_steps,
         )
         log = RunLog(cfg, run_dir, resume=resume is not None)
-        run(cfg, plan, run_dir, inference, pool, workers, val_pool, learners, log)
+        run(cfg, plan, run_dir, inference, pool, workers, val_pool, learners, log, files)
     finally:
         if learners is not None:
             learners.shutdown()
@@ -96,8 +99,10 @@ def run(
     val_pool: Any,
     learners: LearnerGroup,
     log: RunLog,
+    files: SftFiles | None = None,
 ) -> None:
-    """The run under the watchdog: restore or validate, then the steps; RUN_DIR/summary.json however it ends."""
+    """The run under the watchdog: restore or validate, then the steps (of the rollout stream, or with `files`
+    of SFT's files); RUN_DIR/summary.json however it ends."""
     watchdog = Watchdog(run_dir, cfg.trainer.stall_timeout_s, progress_probes(workers, [pool, val_pool]))
     stream, end = None, {"status": "stopped", "cause": None, "steps_done": 0}
     print(f"run directory: {run_dir}")
@@ -109,10 +114,15 @@ def run(
             start, saved = restore(cfg, plan, learners, pool, inference) if plan else (0, SavedStream())
             if plan is None and val_pool is not None:
                 log.log(0, validate(cfg, val_pool, workers))
-            ledger = Ledger(run_dir / "ledger.jsonl", keep_before_version=start if plan else None)
-            stream = RolloutStream(cfg, pool, workers, ledger, version=start)
-            stream.resume(saved)
-            run_steps(cfg, start, run_dir, stream, learners, inference, val_pool, log, watchdog)
+            if files is not None:
+                run_file_steps(
+                    cfg, start, run_dir, files, learners, inference, val_pool, workers, log, watchdog
+                )
+            else:
+                ledger = Ledger(run_dir / "ledger.jsonl", keep_before_version=start if plan else None)
+                stream = RolloutStream(cfg, pool, workers, ledger, version=start)
+                stream.resume(saved)
+                run_steps(cfg, start, run_dir, stream, learners, inference, val_pool, log, watchdog)
             end.update(status="completed", steps_done=cfg.trainer.steps)
     except BaseException as e:
         end["cause"] = first_line(e)
@@ -153,13 +163,12 @@ def run_steps(
         trained_calls = select_trained_calls(batch.transitions, cfg.rollout.train_agents)
         metrics = {**rollout_metrics(batch), **staleness_metrics(trained_calls, version)}
 
-        table, adv = compute_advantages(training_rows(batch.transitions, cfg), cfg.algorithm)
-        table = select_trained_calls(table, cfg.rollout.train_agents)
-        metrics.update({f"advantage/{k}": v for k, v in adv.items()})
+        table, chosen = training_table(batch, cfg, stream.ledger, version)
+        metrics.update(chosen)
         t1 = time.perf_counter()
         if table.num_rows:
             learned = learners.train_step(table, cfg.algorithm, cfg.inference.sampling.max_tokens)
-            metrics.update({f"learner/{k}": v for k, v in learned.items()})
+            metrics.update(learner_metrics(learned, cfg.algorithm))
         watchdog.beat()
         t2 = time.perf_counter()
         synced = sync_weights(learners, inference, step, cfg)
@@ -289,6 +298,20 @@ def sync_metrics(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def training_table(
+    batch: Batch, cfg: Config, ledger: Ledger, version: int
+) -> tuple[pa.Table, dict[str, Any]]:
+    """What a step trains on, and metrics of the choice: every call with its advantage, or with sft the calls of
+    each group's best rollouts (`best_of_groups`, which enters the others in the ledger as dropped)."""
+    if cfg.algorithm.name == "sft":
+        kept, chosen = best_of_groups(batch, cfg, ledger, version)
+        table = training_rows(kept, cfg)
+    else:
+        table, adv = compute_advantages(training_rows(batch.transitions, cfg), cfg.algorithm)
+        chosen = {f"advantage/{k}": v for k, v in adv.items()}
+    return select_trained_calls(table, cfg.rollout.train_agents), chosen
+
+
 def training_rows(transitions: pa.Table, cfg: Config) -> pa.Table:
     """One row per training sequence: each call, or with `algorithm.merge_prefix_turns` each run of calls
     that extends one conversation. Calls of untrained roles stay in until after the advantages, so their
@@ -336,7 +359,8 @@ def restore(
     complete one); returns its step and the stream it saved (`RolloutStream.save`)."""
     path = plan.checkpoint
     extra = learners.load_checkpoint(path)["extra"]
-    get(pool.load_state.remote(extra["pool"]), "task pool load_state", PROBE_TIMEOUT_S, lost=TaskPoolLost)
+    if "pool" in extra:  # an SFT run from files samples nothing, so saves no data position
+        get(pool.load_state.remote(extra["pool"]), "task pool load_state", PROBE_TIMEOUT_S, lost=TaskPoolLost)
     sync_weights(learners, inference, extra["step"], cfg)
     print(f"resumed from {path} at step {extra['step']}")
     return int(extra["step"]), load_stream(path / STREAM_DIR, extra.get("in_flight", []))

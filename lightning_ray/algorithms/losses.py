@@ -1,5 +1,5 @@
-"""Token-level policy losses: PPO-clip with asymmetric clipping, KL to a reference, off-policy correction
-(truncated IS, decoupled PPO), metrics.
+"""Token-level losses: PPO-clip with asymmetric clipping, KL to a reference, off-policy correction (truncated
+IS, decoupled PPO), metrics; and the supervised loss of `algorithm.name: sft` (`sft_loss`).
 
 Every function is pure torch on `[batch, tokens]` tensors plus a 0/1 `mask` of the tokens that count
 (response tokens). Nothing here knows about DeepSpeed or Ray, so the maths is unit-tested by hand.
@@ -200,3 +200,21 @@ def policy_loss(
                 tis_frac=masked_mean(truncated.to(mask.dtype), mask),
             )
     return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def sft_loss(
+    logprobs: torch.Tensor, mask: torch.Tensor, *, denominator: float | torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Token-mean negative log-likelihood of the tokens the model generated (to minimise):
+
+        loss = -sum_t mask_t * log pi(y_t | y_<t) / sum_t mask_t
+
+    `mask` is 1 on generated tokens and 0 elsewhere (prompt, tool results, inserted turns, padding), so those
+    tokens add nothing to the loss and get no gradient. `denominator` is the global count of generated tokens
+    when a batch is split over micro-batches and ranks (`loss_denominator(mask, "token")` of the whole batch).
+    Metric: `nll`, the token-mean NLL of this micro-batch (exp(nll) is its perplexity)."""
+    mask = mask.to(logprobs.dtype)
+    if denominator is None:
+        denominator = loss_denominator(mask, "token").clamp(min=1)
+    loss = -masked_sum(logprobs, mask) / denominator
+    return loss, {"nll": -masked_mean(logprobs.detach(), mask)}

@@ -30,6 +30,7 @@ from lightning_ray.config.sections import (
     Section,
     is_loopback,
 )
+from lightning_ray.config.sft import SftConfig, source_paths
 from lightning_ray.config.trainer import TrainerConfig
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "RayConfig",
     "RolloutConfig",
     "SamplingConfig",
+    "SftConfig",
     "TrainerConfig",
     "apply_override",
     "is_loopback",
@@ -68,17 +70,31 @@ class Config(Section):
     data: DataConfig = DataConfig()
     learner: LearnerConfig = LearnerConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
+    sft: SftConfig = SftConfig()
     trainer: TrainerConfig = TrainerConfig()
     logging: LoggingConfig = LoggingConfig()
     ray: RayConfig = RayConfig()
     source: str | None = Field(None, exclude=True, description="File the config was read from.")
 
     @model_validator(mode="after")
+    def _sft_settings(self) -> Config:
+        """The `sft` section belongs to `algorithm.name: sft`, and its files mode needs files."""
+        if self.algorithm.name != "sft":
+            if "sft" in self.model_fields_set:
+                raise ValueError(f"sft: set, but algorithm.name is {self.algorithm.name} (only sft reads it)")
+        elif self.sft.source == "files" and not self.sft.files:
+            raise ValueError(
+                "sft.files: empty; sft.source=files needs run directories or trajectories Parquet"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _stale_rollouts_are_corrected(self) -> Config:
         """Stale rollouts need the behaviour log-probs in the loss, and several optimizer steps on them a
-        trust region around the proximal policy: off-policyness must not stack up uncorrected."""
+        trust region around the proximal policy: off-policyness must not stack up uncorrected. (SFT has no
+        ratio to correct: it imitates the samples it keeps, whichever policy made them.)"""
         k, old = self.trainer.max_staleness, self.algorithm.old_logprobs
-        if k == 0:
+        if k == 0 or self.algorithm.name == "sft":
             return self
         if old == "recompute":
             raise ValueError(
@@ -138,11 +154,17 @@ def _check_files(cfg: Config, base: Path) -> None:
     ]
     if not cfg.model.path.startswith("builtin:"):
         checks.append(("model.path", cfg.model.path))
-    missing = [(f, p) for f, p in checks if p is not None and not resolve_path(p, base).exists()]
-    if missing:
+    problems = [
+        f"{f}: file not found: {p}" for f, p in checks if p is not None and not resolve_path(p, base).exists()
+    ]
+    if cfg.algorithm.name == "sft" and cfg.sft.source == "files":
+        try:
+            source_paths(cfg.sft, base)
+        except FileNotFoundError as e:
+            problems.append(str(e))
+    if problems:
         raise ConfigError(
-            f"invalid config {cfg.source or '(inline)'}:\n"
-            + "\n".join(f"  {f}: file not found: {p}" for f, p in missing)
+            f"invalid config {cfg.source or '(inline)'}:\n" + "\n".join(f"  {p}" for p in problems)
         )
 
 

@@ -395,7 +395,9 @@ class LearnerConfig(Section):
 
 
 class AlgorithmConfig(Section):
-    name: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = "grpo"
+    name: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "sft"] = Field(
+        "grpo", description="sft: supervised fine-tuning on selected trajectories (the `sft` section)."
+    )
     group_size: int = Field(4, gt=0)
     norm_std: bool = True
     length_norm: Literal["token", "sequence", "constant"] = "token"
@@ -416,6 +418,14 @@ class AlgorithmConfig(Section):
         2.0, gt=0, description="Cap of the importance weight for old_logprobs rollout and decoupled."
     )
     merge_prefix_turns: bool = False
+
+    @model_validator(mode="after")
+    def _sft_keeps_uniform_groups(self) -> AlgorithmConfig:
+        """SFT keeps the best samples of each group, so a group whose samples all earned the same reward is no
+        reason to drop it: `drop_zero_variance` is off under `name: sft`."""
+        if self.name == "sft" and self.drop_zero_variance:
+            self.drop_zero_variance = False
+        return self
 
 
 class LoggingConfig(Section):

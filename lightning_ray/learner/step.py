@@ -1,7 +1,10 @@
-"""One GRPO/PPO train step on a rank's shard, read top to bottom like CleanRL's ppo.py update:
+"""One train step on a rank's shard, read top to bottom like CleanRL's ppo.py update:
 
     micro-batches -> old and reference log-probs -> for each optimizer step: forward -> policy_loss ->
     backward, then step.
+
+`algorithm.name: sft` takes the same step with `sft_loss` (the NLL of the generated tokens) in place of
+`policy_loss`, and nothing to compute before it: the objective (`_Objective`) is all that differs.
 
 Old log-probs are recomputed before any update (`old_logprobs: recompute`), taken from the rollout with
 truncated importance sampling (`rollout`), or both (`decoupled`: the recomputed ones are the proximal policy
@@ -28,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from lightning_ray.algorithms.losses import loss_denominator, policy_loss
+from lightning_ray.algorithms.losses import loss_denominator, policy_loss, sft_loss
 from lightning_ray.config import AlgorithmConfig, LearnerConfig
 from lightning_ray.learner.forward import (
     all_reduce,
@@ -51,7 +54,7 @@ def train_step(
     reference: Callable[[], torch.nn.Module],
     max_response_tokens: int | None = None,
 ) -> dict[str, float]:
-    """One step on `shard` (a table with an `advantage` column); global metrics, the same on every rank.
+    """One step on `shard` (with an `advantage` column, but for sft); global metrics, the same on every rank.
 
     `reference` returns the frozen KL reference model (loaded on first use). `max_response_tokens` is the
     Dr. GRPO constant for `length_norm: constant` (default: the longest response in the batch). The count
@@ -76,31 +79,19 @@ def train_step(
     t_batch = time.perf_counter() - t0
 
     gas = cfg.gradient_accumulation_steps or len(micro)
-    recomputed = algo.old_logprobs != "rollout"  # recompute and decoupled: the learner's own old log-probs
-    decoupled = algo.old_logprobs == "decoupled"
-    separate_pass = recomputed and gas < len(micro)
-    _old_and_ref_logprobs(engine, micro, algo, reference, separate_pass=separate_pass)
+    if algo.name == "sft":
+        objective = _Objective(_sft_micro_loss)
+    else:
+        objective = _policy_objective(engine, micro, algo, reference, gas, max_response_tokens)
     t_old = time.perf_counter() - t0 - t_batch
 
-    constant = _length_constant(micro, algo, max_response_tokens, device)
     totals = _Totals()
     for chunk in (micro[i : i + gas] for i in range(0, len(micro), gas)):  # one optimizer step each
-        denominator = _global_denominator(chunk, algo, constant, device)
+        denominator = _global_denominator(chunk, objective.length_norm, objective.constant, device)
         for b in chunk:
             logp, entropy = forward_logprobs(engine, b, with_entropy=True)
-            old = b["old_logprobs"] if "old_logprobs" in b else logp.detach()
-            loss, metrics = policy_loss(
-                algo,
-                logp,
-                old,
-                b["advantages"],
-                b["response_mask"],
-                behaviour_logprobs=b["rollout_logprobs"] if decoupled else None,
-                denominator=denominator,
-                constant=constant,
-                ref_logprobs=b.get("ref_logprobs"),
-            )
-            totals.add(b, loss, metrics, entropy, old if recomputed else None)
+            loss, metrics, recomputed = objective.loss(b, logp, denominator)
+            totals.add(b, loss, metrics, entropy, recomputed)
             # DeepSpeed averages gradients over ranks; the loss is already a share of the global batch.
             engine.backward(skip_nonfinite(loss) * dist.get_world_size(), scale_wrt_gas=False)
         totals.end_optimizer_step(_optimizer_step(engine), engine.get_global_grad_norm())
@@ -109,12 +100,68 @@ def train_step(
     out.update(
         lr=float(engine.get_lr()[0]),
         micro_batches=len(micro),
-        old_logprob_pass=float(separate_pass),  # 0: the training forward's own log-probs are the old ones
+        old_logprob_pass=float(objective.separate_pass),  # 0: the training forward's own are the old ones
         time_batch_s=t_batch,
         time_old_logprobs_s=t_old,
         time_s=time.perf_counter() - t0,
     )
     return out
+
+
+MicroLoss = Callable[
+    [Batch, torch.Tensor, float], tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]
+]
+
+
+@dataclass
+class _Objective:
+    """What a micro-batch's loss is, given its forward's response log-probs and its optimizer step's
+    denominator: `loss` returns (loss, metrics, the old log-probs the learner recomputed or None).
+    `length_norm` and `constant` make the denominator; `separate_pass` says whether the old log-probs took a
+    forward pass of their own."""
+
+    loss: MicroLoss
+    length_norm: str = "token"
+    constant: float | None = None
+    separate_pass: bool = False
+
+
+def _sft_micro_loss(b: Batch, logp: torch.Tensor, denominator: float) -> tuple[Any, ...]:
+    """`algorithm.name: sft`: NLL of the generated tokens (`sft_loss`), nothing to compute beforehand."""
+    return *sft_loss(logp, b["response_mask"], denominator=denominator), None
+
+
+def _policy_objective(
+    engine: Any,
+    micro: list[Batch],
+    algo: AlgorithmConfig,
+    reference: Callable[[], torch.nn.Module],
+    gas: int,
+    max_response_tokens: int | None,
+) -> _Objective:
+    """PPO-clip (`policy_loss`), after the old and reference log-probs are stored in each micro-batch."""
+    recomputed = algo.old_logprobs != "rollout"  # recompute and decoupled: the learner's own old log-probs
+    decoupled = algo.old_logprobs == "decoupled"
+    separate_pass = recomputed and gas < len(micro)
+    _old_and_ref_logprobs(engine, micro, algo, reference, separate_pass=separate_pass)
+    constant = _length_constant(micro, algo, max_response_tokens, engine.device)
+
+    def loss(b: Batch, logp: torch.Tensor, denominator: float) -> tuple[Any, ...]:
+        old = b["old_logprobs"] if "old_logprobs" in b else logp.detach()
+        value, metrics = policy_loss(
+            algo,
+            logp,
+            old,
+            b["advantages"],
+            b["response_mask"],
+            behaviour_logprobs=b["rollout_logprobs"] if decoupled else None,
+            denominator=denominator,
+            constant=constant,
+            ref_logprobs=b.get("ref_logprobs"),
+        )
+        return value, metrics, old if recomputed else None
+
+    return _Objective(loss, algo.length_norm, constant, separate_pass)
 
 
 def skip_nonfinite(loss: torch.Tensor) -> torch.Tensor:
@@ -178,10 +225,10 @@ def _length_constant(
 
 
 def _global_denominator(
-    chunk: list[Batch], algo: AlgorithmConfig, constant: float | None, device: torch.device
+    chunk: list[Batch], length_norm: str, constant: float | None, device: torch.device
 ) -> float:
     """The loss divisor of one optimizer step's micro-batches over all ranks (at least 1)."""
-    local = sum(float(loss_denominator(b["response_mask"], algo.length_norm, constant)) for b in chunk)
+    local = sum(float(loss_denominator(b["response_mask"], length_norm, constant)) for b in chunk)
     (total,) = all_reduce([local], device)
     return max(total, 1.0)
 

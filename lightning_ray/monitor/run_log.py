@@ -170,9 +170,10 @@ def step_line(step: int, total: int, m: dict[str, Any]) -> str:
     lag = m.get("staleness/max")
     behind = 1.0 - m.get("staleness/tokens_behind_0", 1.0)
     stale = "" if not lag else f" | lag<={lag} {behind:.0%}"
+    loss = "sft/loss" if "sft/loss" in m else "learner/loss"
     return (
         f"step {step}/{total} | reward {f('rollout/reward_mean')} | ok {f('rollout/success_rate', '.0%')} "
-        f"| val {f('val/success_rate', '.0%')} | loss {f('learner/loss', '.4f')} | kl {f('learner/kl', '.4f')} "
+        f"| val {f('val/success_rate', '.0%')} | loss {f(loss, '.4f')} | kl {f('learner/kl', '.4f')} "
         f"| clip {f('learner/clip_frac', '.3f')} | rollout {f('time/rollout_s', '.1f')}s "
         f"learner {f('time/learner_s', '.1f')}s sync{version} {f('time/broadcast_s', '.2f')}s{stale}"
     )

@@ -49,6 +49,7 @@ STEP_PARTS = [
 ]
 LEARNER = [
     ("learner/loss", "loss"),
+    ("sft/loss", "SFT loss (NLL)"),
     ("learner/kl", "KL"),
     ("learner/clip_frac", "clip fraction"),
     ("learner/entropy", "entropy"),
