@@ -28,8 +28,8 @@ class ScaleError(RuntimeError):
 
 def write_run_address(run_dir: Path, cfg: Config) -> None:
     """RUN_DIR/ray.json: where `lightning-ray scale` finds this run (written again by each resume)."""
-    address = ray.get_runtime_context().gcs_address
-    info = {"address": address, "namespace": cfg.ray.namespace, "run_id": cfg.ray.run_id}
+    context = ray.get_runtime_context()  # the namespace the run's actors live in: the driver's own
+    info = {"address": context.gcs_address, "namespace": context.namespace, "run_id": cfg.ray.run_id}
     (run_dir / ADDRESS_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 

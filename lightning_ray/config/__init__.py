@@ -80,7 +80,7 @@ class Config(Section):
     def _sft_settings(self) -> Config:
         """The `sft` section belongs to `algorithm.name: sft`, and its files mode needs files."""
         if self.algorithm.name != "sft":
-            if "sft" in self.model_fields_set:
+            if self.sft != SftConfig():  # a default section (as `model_dump` writes it) says nothing
                 raise ValueError(f"sft: set, but algorithm.name is {self.algorithm.name} (only sft reads it)")
         elif self.sft.source == "files" and not self.sft.files:
             raise ValueError(
