@@ -194,6 +194,9 @@ def test_sft_errors_name_the_field_and_the_file(tmp_path):
 def test_sft_settings():
     cfg = load_config(None, ["algorithm.name=sft", "trainer.max_staleness=1"], check_files=False)
     assert cfg.algorithm.drop_zero_variance is False  # a group whose samples all succeeded still trains
+    for algorithm in ("grpo", "sft"):  # every rollout worker validates the driver's dump again
+        dumped = load_config(None, [f"algorithm.name={algorithm}"], check_files=False).model_dump()
+        assert type(cfg).model_validate(dumped).algorithm.name == algorithm
     assert sft_steps(cfg.sft.model_copy(update={"epochs": 2.0, "batch_size": 4}), 6, 10) == 4
     assert sft_steps(cfg.sft.model_copy(update={"epochs": 0.5, "batch_size": 4}), 6, 10) == 1
     assert sft_steps(cfg.sft, 6, 10) == 10
