@@ -7,14 +7,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
-from test_train_async import assert_every_rollout_ends_once, async_config, run_dir_of
-
-from lightning_ray.loop import train
-from lightning_ray.monitor.run_log import read_metrics
+from test_train_async import assert_every_rollout_ends_once, async_config, run_dir_of, train_acting_mid_run
 
 
 def test_workers_join_on_queue_depth_and_leave_by_hand_without_losing_a_rollout(
@@ -26,34 +22,17 @@ def test_workers_join_on_queue_depth_and_leave_by_hand_without_losing_a_rollout(
     cfg.rollout.scale_up_delay_s, cfg.rollout.scale_down_delay_s = 0.0, 3600.0  # down only by hand
     asked: list[subprocess.CompletedProcess] = []
 
-    def scale_down_after_step_1() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            runs = list((tmp_path / "runs" / "loop").glob("*/metrics.jsonl"))
-            if runs and any(r["step"] >= 1 for r in read_metrics(runs[0])):
-                command = [
-                    sys.executable,
-                    "-m",
-                    "lightning_ray.cli",
-                    "scale",
-                    str(runs[0].parent),
-                    "--workers",
-                    "1",
-                ]
-                asked.append(subprocess.run(command, capture_output=True, text=True, timeout=120))
-                return
-            time.sleep(0.2)
+    def scale_down(run_dir: Path) -> None:
+        command = [sys.executable, "-m", "lightning_ray.cli", "scale", str(run_dir), "--workers", "1"]
+        asked.append(subprocess.run(command, capture_output=True, text=True, timeout=120))
 
-    scaler = threading.Thread(target=scale_down_after_step_1, daemon=True)
-    scaler.start()
-    rows = train(cfg)
-    scaler.join()
+    rows = train_acting_mid_run(cfg, tmp_path, scale_down)
 
     [done] = asked
     assert done.returncode == 0, done.stderr
     assert "rollout workers 1..2, 1 workers" in done.stdout
     workers = [r["rollout/workers"] for r in rows]
-    assert workers[0] == 2 and workers[-1] == 1, workers  # up on the queue at step 1, down by hand later
+    assert 2 in workers and workers[-1] == 1, workers  # up on the queue at once, down by hand after step 1
     assert rows[-1]["rollout/workers_added"] == 1 and rows[-1]["rollout/workers_retired"] == 1
     assert rows[-1]["rollout/workers_target"] == 1 and rows[-1]["rollout/worker_restarts"] == 0
     assert all(r["inference/replicas"] == r["inference/replicas_target"] == 1 for r in rows)  # fixed replicas

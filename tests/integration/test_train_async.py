@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,24 @@ def assert_every_rollout_ends_once(run_dir: Path, steps: int, tasks_per_step: in
     assert all(e["reason"] for e in ledger if e["outcome"] != "trained"), "a drop or failure without a reason"
 
 
+def train_acting_mid_run(cfg, tmp_path: Path, act: Callable[[Path], None]) -> list[dict]:
+    """`train(cfg)`, calling `act(run_dir)` on a thread of its own once step 1's trajectories are written."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if written := list((tmp_path / "runs" / "loop").glob("*/trajectories/step-000001.parquet")):
+                act(written[0].parents[1])
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    rows = train(cfg)
+    watcher.join()
+    return rows
+
+
 @pytest.mark.slow  # CI time: K = 0 trains on current-policy tokens in test_train_checkpoint_and_resume too
 def test_synchronous_k0_trains_only_current_policy_tokens(inference, tiny_config, tmp_path):
     cfg = async_config(tiny_config, tmp_path, steps=3, staleness=0)
@@ -101,20 +120,10 @@ def test_k1_run_goes_on_when_a_rollout_worker_dies(inference, tiny_config, tmp_p
     cfg = async_config(tiny_config, tmp_path, steps=3, staleness=1)
     cfg.rollout.num_workers = 2
 
-    def kill_a_worker_mid_stream() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            metrics = tmp_path / "runs" / "loop"
-            runs = list(metrics.iterdir()) if metrics.exists() else []
-            if runs and (runs[0] / "trajectories" / "step-000001.parquet").exists():
-                ray.kill(ray.get_actor(f"{worker_prefix(cfg)}-0"))  # train() gave cfg its run id
-                return
-            time.sleep(0.2)
+    def kill_a_worker(run_dir: Path) -> None:
+        ray.kill(ray.get_actor(f"{worker_prefix(cfg)}-0"))  # train() gave cfg its run id
 
-    killer = threading.Thread(target=kill_a_worker_mid_stream, daemon=True)
-    killer.start()
-    rows = train(cfg)
-    killer.join()
+    rows = train_acting_mid_run(cfg, tmp_path, kill_a_worker)
     assert [r["step"] for r in rows] == [1, 2, 3]
     run_dir = run_dir_of(tmp_path)
     assert_every_rollout_ends_once(run_dir, 3, cfg.trainer.tasks_per_step, cfg.trainer.max_staleness)
