@@ -14,11 +14,11 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from lightning_ray.config.inference import InferenceConfig, SamplingConfig
 from lightning_ray.config.sections import (
     AlgorithmConfig,
     DataConfig,
     GatewayConfig,
-    InferenceConfig,
     LearnerConfig,
     LoggingConfig,
     LoraConfig,
@@ -26,7 +26,6 @@ from lightning_ray.config.sections import (
     Placement,
     RayConfig,
     RolloutConfig,
-    SamplingConfig,
     Section,
     is_loopback,
 )
