@@ -106,8 +106,8 @@ WORKER_COUNTS = {
 
 def record_step_metrics(step: int, metrics: dict[str, Any], run: str = "run") -> None:
     """Export one step's row of metrics.jsonl (`lightning_ray.loop.run_steps`): its time per part, generated
-    tokens per second, staleness, the policy version the replicas now serve, and how many rollout workers and
-replicas there are. Keys a row lacks are skipped."""
+        tokens per second, staleness, the policy version the replicas now serve, and how many rollout workers and
+    replicas there are. Keys a row lacks are skipped."""
     m = _get_metrics()
     tags = {"run": run}
     m["step"].set(step, tags=tags)
