@@ -38,9 +38,8 @@ def scale_workers(run_dir: str | Path, workers: int | None) -> str:
     asked, as a line to print. Raises `ScaleError` when the run's config does not allow it."""
     run_dir = Path(run_dir)
     where, config = run_dir / ADDRESS_FILE, run_dir / "config.yaml"
-    for path in (where, config):
-        if not path.is_file():
-            raise ScaleError(f"{path} not found: {run_dir} is not the directory of a train run")
+    if not config.is_file():
+        raise ScaleError(f"{config} not found: {run_dir} is not a run directory")
     rollout = Config.model_validate(yaml.safe_load(config.read_text())).rollout
     lo, hi = rollout.worker_bounds
     if lo == hi:
@@ -53,6 +52,8 @@ def scale_workers(run_dir: str | Path, workers: int | None) -> str:
             f"--workers {workers} lies outside the run's rollout.min_workers={lo} .. rollout.max_workers={hi} "
             f"({config})"
         )
+    if not where.is_file():
+        raise ScaleError(f"{where} not found: {run_dir} is not the directory of a train run that is running")
     info = json.loads(where.read_text())
     if not ray.is_initialized():
         ray.init(address=info["address"], namespace=info["namespace"], log_to_driver=False)

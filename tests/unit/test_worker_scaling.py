@@ -117,6 +117,11 @@ def test_scale_refuses_what_the_run_does_not_allow_before_joining_its_cluster(
 
 def test_scale_names_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["scale", str(tmp_path), "--workers", "2"]) == 2
+    assert (
+        f"{tmp_path / 'config.yaml'} not found: {tmp_path} is not a run directory" in capsys.readouterr().err
+    )
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"rollout": {"num_workers": 1, "max_workers": 2}}))
+    assert main(["scale", str(tmp_path), "--workers", "2"]) == 2
     assert f"{tmp_path / 'ray.json'} not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["scale", str(tmp_path), "--workers", "two"])
