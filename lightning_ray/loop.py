@@ -189,18 +189,31 @@ def run_steps(
             metrics.update(validate(cfg, val_pool, stream.workers))
         metrics["time/step_s"] = time.perf_counter() - t0  # the checkpoint below not included
         metrics.update(busy_metrics(clock, metrics))
-        record_step_metrics(step, metrics, run=cfg.trainer.name)
-        # The step's row before its checkpoint: a run killed between the two resumes from the checkpoint
-        # before, which drops this row and runs the step again; the other way round the row would be lost.
-        log.log(step, metrics)
-        print(step_line(step, cfg.trainer.steps, metrics), flush=True)
-        if step == cfg.trainer.steps or (
-            cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0
-        ):
-            save(run_dir, step, learners, stream.pool, stream)
-            prune_checkpoints(run_dir, cfg.trainer.keep_checkpoints)
-            watchdog.beat()
+        end_step(cfg, step, metrics, log, watchdog, lambda s: save(run_dir, s, learners, stream.pool, stream))
     stream.close(version + 1)
+
+
+def end_step(
+    cfg: Config,
+    step: int,
+    metrics: dict[str, Any],
+    log: RunLog,
+    watchdog: Watchdog,
+    save: Callable[[int], Any],
+) -> None:
+    """A step's row (metrics.jsonl, Prometheus, the step line), then `save(step)` when a checkpoint is due.
+
+    The row comes before its checkpoint: a run killed between the two resumes from the checkpoint before, which
+    drops this row and runs the step again; the other way round the row would be lost."""
+    record_step_metrics(step, metrics, run=cfg.trainer.name)
+    log.log(step, metrics)
+    print(step_line(step, cfg.trainer.steps, metrics), flush=True)
+    if step == cfg.trainer.steps or (
+        cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0
+    ):
+        save(step)
+        prune_checkpoints(log.run_dir, cfg.trainer.keep_checkpoints)
+        watchdog.beat()
 
 
 def progress_probes(workers: RolloutWorkers, pools: list[Any]) -> dict[str, Callable[[], Any]]:

@@ -1,7 +1,7 @@
 """`lightning-ray scale RUN_DIR --workers N|auto`: set a running elastic run's rollout worker count by hand.
 
 A train run writes RUN_DIR/ray.json when it starts (`write_run_address`): the Ray cluster it runs on, its
-namespace and its run id, which names its task pools (`lightning_ray.names`). `scale_workers` joins that cluster
+namespace and the name of its train task pool (`lightning_ray.names`). `scale_workers` joins that cluster
 (from any machine that can reach it; under `ray job submit`, the head node) and tells the run's train pool the
 count, which the driver applies within seconds while it waits for rollouts (`RolloutWorkers.scale`), or after
 the learner step it is in. `auto` hands the count back to queue depth.
@@ -29,7 +29,11 @@ class ScaleError(RuntimeError):
 def write_run_address(run_dir: Path, cfg: Config) -> None:
     """RUN_DIR/ray.json: where `lightning-ray scale` finds this run (written again by each resume)."""
     context = ray.get_runtime_context()  # the namespace the run's actors live in: the driver's own
-    info = {"address": context.gcs_address, "namespace": context.namespace, "run_id": cfg.ray.run_id}
+    info = {
+        "address": context.gcs_address,
+        "namespace": context.namespace,
+        "train_pool": task_pool(cfg, "train"),
+    }
     (run_dir / ADDRESS_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -57,7 +61,7 @@ def scale_workers(run_dir: str | Path, workers: int | None) -> str:
     info = json.loads(where.read_text())
     if not ray.is_initialized():
         ray.init(address=info["address"], namespace=info["namespace"], log_to_driver=False)
-    name = task_pool(Config.model_validate({"ray": {"run_id": info["run_id"]}}), "train")
+    name = info["train_pool"]
     try:
         pool = ray.get_actor(name, namespace=info["namespace"])
     except ValueError as e:

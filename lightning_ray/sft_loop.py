@@ -17,15 +17,14 @@ from typing import Any
 import pyarrow as pa
 
 from lightning_ray.algorithms.sft import select_best
-from lightning_ray.checkpoints import prune_checkpoints, writing_checkpoint
+from lightning_ray.checkpoints import writing_checkpoint
 from lightning_ray.config import AlgorithmConfig, Config
 from lightning_ray.config.sft import sft_steps
 from lightning_ray.data.merge import select_trained_calls
 from lightning_ray.data.schema import write_parquet
 from lightning_ray.data.sft_files import SftFiles, load_sft_files
 from lightning_ray.learner.group import LearnerGroup
-from lightning_ray.monitor.metrics import record_step_metrics
-from lightning_ray.monitor.run_log import RunLog, step_line
+from lightning_ray.monitor.run_log import RunLog
 from lightning_ray.monitor.watchdog import Watchdog
 from lightning_ray.rollouts.collect import Batch
 from lightning_ray.rollouts.ledger import Ledger
@@ -87,7 +86,7 @@ def run_file_steps(
 ) -> None:
     """Steps `start + 1` .. `trainer.steps` on `files` (`sft.source: files`). Each step's calls go to
     RUN_DIR/trajectories/step-N.parquet as a GRPO step's do, so the run page shows what trained."""
-    from lightning_ray.loop import checkpoint_dir, sync_metrics, training_rows, validate  # loop imports us
+    from lightning_ray.loop import end_step, sync_metrics, training_rows, validate  # loop imports us
 
     for step in range(start + 1, cfg.trainer.steps + 1):
         t0 = time.perf_counter()
@@ -103,13 +102,12 @@ def run_file_steps(
         if val_pool is not None and step % cfg.trainer.val_every == 0:
             metrics.update(validate(cfg, val_pool, workers))
         metrics["time/step_s"] = time.perf_counter() - t0
-        record_step_metrics(step, metrics, run=cfg.trainer.name)
-        log.log(step, metrics)  # before the checkpoint, as the loop does
-        print(step_line(step, cfg.trainer.steps, metrics), flush=True)
-        if step == cfg.trainer.steps or (
-            cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0
-        ):
-            with writing_checkpoint(path := checkpoint_dir(run_dir, step)):
-                learners.save_checkpoint(path, extra={"step": step})
-            prune_checkpoints(run_dir, cfg.trainer.keep_checkpoints)
-            watchdog.beat()
+        end_step(cfg, step, metrics, log, watchdog, lambda s: save_learners(run_dir, s, learners))
+
+
+def save_learners(run_dir: Path, step: int, learners: LearnerGroup) -> None:
+    """A checkpoint of the learners alone (no stream, no data position: nothing was sampled)."""
+    from lightning_ray.loop import checkpoint_dir  # loop imports us
+
+    with writing_checkpoint(path := checkpoint_dir(run_dir, step)):
+        learners.save_checkpoint(path, extra={"step": step})

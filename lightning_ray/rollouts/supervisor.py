@@ -120,7 +120,7 @@ class RolloutWorkers:
                     dead[i] = first_line(e)
         for i, cause in dead.items():
             if i in self.retiring:  # scaled down anyway: the pools run what it held again
-                self._gone(i, cause)
+                self._gone(i, f"scaled down ({cause})")
             else:
                 self._replace(i, cause)
         for i in [i for i in self.retiring if self._drained(i)]:
@@ -211,7 +211,7 @@ class RolloutWorkers:
         worker = self.retiring.pop(index)
         for serving in self.serving.values():
             serving.calls.pop(index, None)
-        self._report_gone(self.ids[index], f"scaled down ({cause})" if cause != "scaled down" else cause)
+        self._report_gone(self.ids[index], cause)
         stop_workers([worker])
 
     def metrics(self) -> dict[str, int]:

@@ -93,7 +93,7 @@ def _run_dir(tmp_path, **rollout) -> str:
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({"rollout": rollout}))
-    (run / "ray.json").write_text(json.dumps({"address": "127.0.0.1:1", "namespace": "x", "run_id": "r"}))
+    (run / "ray.json").write_text(json.dumps({"address": "127.0.0.1:1", "namespace": "x", "train_pool": "p"}))
     return str(run)
 
 
