@@ -76,7 +76,7 @@ def _rows_by_mode(records, modes: list[str]) -> dict[str, list[dict]]:
 def test_misbehaving_async_agents_fail_alone_and_the_worker_keeps_serving(inference, tiny_config, tmp_path):
     cfg = config(tiny_config, tmp_path, "tests.agents:faulty_agent", ASYNC_MODES, num_workers=1, group_size=1)
     cfg.rollout.concurrency = len(ASYNC_MODES)  # all at once: the blocker stalls while the others run
-    cfg.rollout.timeout_s = 6.0
+    cfg.rollout.timeout_s = 10.0
     rows, seconds, slowest, progress, rss_growth = _run_watching_progress(
         cfg, "iso-async", ASYNC_MODES, hung=1
     )
@@ -88,7 +88,9 @@ def test_misbehaving_async_agents_fail_alone_and_the_worker_keeps_serving(infere
     assert seconds < 20
     for mode in ["ok", "late", "huge_print", "many_prints"]:
         assert all(r["status"] == "succeeded" and r["reward"] == 1.0 for r in rows[mode]), mode
-    assert all(r["duration_s"] < 5 for r in rows["ok"])
+    # Finished while the blocker was still stalled, not held until its timeout; how long 13 concurrent calls
+    # take depends on the machine (5 s on a slow CI box), hence the margin.
+    assert all(r["duration_s"] < block["duration_s"] - 2 for r in rows["ok"])
     for mode, exc_type in [("exit", "SystemExit"), ("interrupt", "KeyboardInterrupt")]:
         [r] = rows[mode]
         assert (r["status"], r["kind"], r["failure"]["exc_type"]) == ("failed", "agent_exception", exc_type)

@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from test_train_async import assert_every_rollout_ends_once, async_config, run_dir_of, train_acting_mid_run
 
 
+@pytest.mark.slow  # CI time (~175 s here); the autoscaler's decisions are unit-tested (test_worker_scaling.py)
 def test_workers_join_on_queue_depth_and_leave_by_hand_without_losing_a_rollout(
     inference, tiny_config, tmp_path
 ):

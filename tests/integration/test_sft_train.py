@@ -37,7 +37,7 @@ def step_calls(run_dir: Path, step: int):
     return pq.read_table(run_dir / "trajectories" / f"step-{step:06d}.parquet")
 
 
-@pytest.mark.slow  # CI time (two vLLM deployments, ~3 min here): the on-the-fly test below runs in CI
+@pytest.mark.slow  # CI time (two vLLM deployments, ~4 min here); SFT's selection and loss: test_sft.py
 def test_sft_from_files_checkpoints_and_resumes(inference, tiny_config, tmp_path):
     cfg = sft_config(tiny_config, tmp_path, steps=2)
     cfg.sft.source, cfg.sft.files, cfg.sft.batch_size = "files", [str(VIEW_RUN)], 4
@@ -67,6 +67,7 @@ def test_sft_from_files_checkpoints_and_resumes(inference, tiny_config, tmp_path
     assert set(step_calls(run_dir, 3)["rollout_id"].to_pylist()) == set(expected["rollout_id"].to_pylist())
 
 
+@pytest.mark.slow  # CI time (~110 s); SFT's selection and loss are unit-tested (test_sft.py)
 def test_sft_on_the_fly_trains_the_best_of_each_group(inference, tiny_config, tmp_path):
     """Rejection sampling: 2 tasks x 4 samples; with `sft.min_reward: 0` every sample passes, so each group's
     best (the first with the group's highest reward) trains and the other 3 are dropped as not_best."""

@@ -65,6 +65,7 @@ def kill_when_present(root: Path, pattern: str, kill: Callable[[], None], poll_s
     return killer
 
 
+@pytest.mark.slow  # CI time (~140 s): a worker killed mid-batch is tested in CI on the pool and worker alone
 def test_a_killed_rollout_worker_is_replaced_and_its_rollouts_run_elsewhere(inference, tiny_config, tmp_path):
     cfg = loop_config(tiny_config, tmp_path, steps=3)
     marker = tmp_path / "killed"
@@ -96,6 +97,7 @@ def test_a_killed_rollout_worker_is_replaced_and_its_rollouts_run_elsewhere(infe
     assert set(records["status"].to_pylist()) <= {"succeeded", "failed", "timed_out", "abandoned"}
 
 
+@pytest.mark.slow  # CI time (~110 s): the watchdog's verdicts and stack dumps are unit-tested (test_watchdog.py)
 def test_a_run_where_nothing_progresses_stops_named_with_every_actors_stack(inference, tiny_config, tmp_path):
     cfg = loop_config(tiny_config, tmp_path, steps=1)
     cfg.rollout.agent = "tests.fault_agents:never_returns"
