@@ -37,7 +37,7 @@ from lightning_ray.models import resolve_model
 from lightning_ray.monitor.busy import BusyClock
 from lightning_ray.monitor.metrics import record_batch_metrics, record_step_metrics
 from lightning_ray.monitor.run_log import RunLog, step_line
-from lightning_ray.monitor.staleness import staleness_metrics
+from lightning_ray.monitor.staleness import stale_share, staleness_metrics
 from lightning_ray.monitor.summary import check_failure_rate
 from lightning_ray.monitor.watchdog import PROBE_TIMEOUT_S, Watchdog
 from lightning_ray.rollouts.collect import Batch, collect_batch
@@ -182,7 +182,9 @@ def run_steps(
         replicas = replica_counts(inference.app_name)  # `inference.autoscaling` moves them
         metrics["inference/replicas"] = replicas["running"]
         metrics["inference/replicas_target"] = replicas["target"]
-        metrics.update({f"ledger/{k}": n for k, n in stream.ledger.take_counts().items()})
+        ended = stream.ledger.take_counts()
+        metrics.update({f"ledger/{k}": n for k, n in ended.items()})
+        metrics.update(stale_share(ended))
         metrics.update(stream.workers.metrics())
 
         if val_pool is not None and step % cfg.trainer.val_every == 0:

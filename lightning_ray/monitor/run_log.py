@@ -166,10 +166,12 @@ def step_line(step: int, total: int, m: dict[str, Any]) -> str:
         return "-" if v is None else format(v, fmt)
 
     version = "" if m.get("sync/version") is None else f" v{m['sync/version']}"
-    # Staleness in a few characters: the largest lag of a trained token and the share of tokens that lagged.
-    lag = m.get("staleness/max")
+    # Staleness in a few characters: the largest lag of a trained token, the share of tokens that lagged, and
+    # the share of rollouts dropped as too stale.
+    lag, dropped = m.get("staleness/max"), m.get("staleness/dropped_share")
     behind = 1.0 - m.get("staleness/tokens_behind_0", 1.0)
-    stale = "" if not lag else f" | lag<={lag} {behind:.0%}"
+    said = ([f"lag<={lag} {behind:.0%}"] if lag else []) + ([f"drop {dropped:.0%}"] if dropped else [])
+    stale = " | " + " ".join(said) if said else ""
     loss = "sft/loss" if "sft/loss" in m else "learner/loss"
     return (
         f"step {step}/{total} | reward {f('rollout/reward_mean')} | ok {f('rollout/success_rate', '.0%')} "

@@ -31,3 +31,10 @@ def staleness_metrics(table: pa.Table, version: int) -> dict[str, Any]:
     out["staleness/mean"] = float(behind.mean())
     out["staleness/max"] = int(behind.max())
     return out
+
+
+def stale_share(ended: dict[str, int]) -> dict[str, float]:
+    """The share of the rollouts that reached the ledger this step (trained, dropped or failed) that were dropped
+    for staleness. Groups are dropped whole, so with groups of one size it is also the share of groups."""
+    total = sum(ended.values())
+    return {"staleness/dropped_share": ended.get("dropped/stale", 0) / total} if total else {}

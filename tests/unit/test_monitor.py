@@ -296,3 +296,16 @@ def test_step_line_reports_the_weight_sync():
     del metrics["sync/version"]
     assert step_line(3, 20, metrics).endswith("sync 0.61s")  # a loop that does not report the version
     assert step_line(1, 2, {}).endswith("sync -s")
+
+
+def test_step_line_says_the_staleness_and_the_stale_share():
+    from lightning_ray.monitor.run_log import step_line
+    from lightning_ray.monitor.staleness import stale_share
+
+    ended = {"trained": 24, "dropped/stale": 8, "dropped/zero_variance": 8}
+    assert stale_share(ended) == {"staleness/dropped_share": 0.2}
+    assert stale_share({}) == {} and stale_share({"trained": 8}) == {"staleness/dropped_share": 0.0}
+    metrics = {"staleness/max": 1, "staleness/tokens_behind_0": 0.75, **stale_share(ended)}
+    assert step_line(3, 20, metrics).endswith("| lag<=1 25% drop 20%")
+    assert step_line(3, 20, {"staleness/dropped_share": 0.5}).endswith("| drop 50%")
+    assert step_line(3, 20, {"staleness/max": 0, "staleness/dropped_share": 0.0}).endswith("s")
