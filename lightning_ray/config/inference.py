@@ -25,6 +25,33 @@ class SamplingConfig(Section):
     max_tokens: int = Field(256, gt=0)
 
 
+class CanaryConfig(Section):
+    """`inference.canary`: new weights go to a share of the replicas first and reach the rest only when their
+    reward on live traffic is not worse than the current policy's by `margin` (lightning_ray/inference/canary.py)."""
+
+    share: float = Field(
+        0.25,
+        gt=0,
+        lt=1,
+        description="Share of the replicas that load a new version first: ceil(share x replicas), at least "
+        "one and never all.",
+    )
+    margin: float = Field(
+        0.05,
+        ge=0,
+        description="The new version is promoted when its mean reward is at least the current version's minus "
+        "margin, else rolled back.",
+    )
+    min_rewards: int = Field(
+        20, gt=0, description="Rewards each version needs (since the canary began) before a decision."
+    )
+    max_wait_s: float = Field(
+        1800.0,
+        gt=0,
+        description="A new version without min_rewards for both versions after this long is rolled back.",
+    )
+
+
 def check_autoscaling(autoscaling: dict[str, Any]) -> None:
     """`inference.autoscaling` as Ray Serve's `AutoscalingConfig` reads it (which ignores unknown keys, so
     they are checked here); every error names the field."""
@@ -86,6 +113,12 @@ class InferenceConfig(Section):
         "nobind",
         description="VLLM_CPU_OMP_THREADS_BIND of a CPU engine: 'nobind', 'auto' (vLLM picks cores and reserves "
         "some), or core ids such as '1' or '0-3'.",
+    )
+    canary: CanaryConfig | None = Field(
+        None,
+        description="Unset (the default): every weight update reaches every replica. Set (`canary: {}` for the "
+        "defaults): new weights go to a canary share of the replicas first and are promoted or rolled back "
+        "on their live reward (lightning_ray/inference/canary.py); needs at least 2 replicas.",
     )
     seed: int = 0
     sampling: SamplingConfig = SamplingConfig()
@@ -171,6 +204,21 @@ class InferenceConfig(Section):
         if autoscaling is None:
             return self.num_replicas
         return autoscaling.get("initial_replicas") or autoscaling.get("min_replicas", 1)
+
+    @model_validator(mode="after")
+    def _canary_needs_two_replicas(self) -> InferenceConfig:
+        if self.canary is None:
+            return self
+        if self.autoscaling is None:
+            where, fewest = "inference.num_replicas", self.num_replicas
+        else:  # Serve's own default min_replicas is 1
+            where, fewest = "inference.autoscaling.min_replicas", self.autoscaling.get("min_replicas", 1)
+        if fewest < 2:
+            raise ValueError(
+                f"inference.canary: needs at least 2 replicas (a canary share and the rest), but {where} is "
+                f"{fewest}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tp_needs_gpus(self) -> InferenceConfig:

@@ -240,10 +240,14 @@ class InferenceServer:
             await self._on_workers(WeightReceiverExtension.prepare_weights, path, request, self.replica)
 
     def _planned(self, payload: Any) -> bool:
-        """Whether an update or set-up that numbers the vLLM workers (`worker_slots`) counted this replica: one
-        that Serve added after the driver planned it (autoscaling, a restart) was not."""
-        slots = payload.get("worker_slots") if isinstance(payload, dict) else None
-        return slots is None or self.replica in slots
+        """Whether an update or set-up counted this replica: one that numbers the vLLM workers (`worker_slots`)
+        did not count a replica Serve added after the driver planned it (autoscaling, a restart), and one for
+        some replicas only (`replicas`: a canary's, `lightning_ray.inference.canary`) leaves the others out."""
+        if not isinstance(payload, dict):
+            return True
+        return all(
+            payload.get(key) is None or self.replica in payload[key] for key in ("worker_slots", "replicas")
+        )
 
     async def update_weights(
         self, path: str, payload: Any, version: int, if_older: bool = False
