@@ -1,4 +1,4 @@
-"""`lightning-ray check|serve|rollout|train CONFIG [key.sub=value ...]`, `lightning-ray view RUN_DIR`,
+"""`lightning-ray check|serve|rollout|train|optimize CONFIG [key.sub=value ...]`, `lightning-ray view RUN_DIR`,
 `lightning-ray scale RUN_DIR --workers N|auto`, `lightning-ray runner URL --agent module:fn`.
 
 Overrides may come before, between or after the options (`rollout x.yaml --limit 8 trainer.steps=3`).
@@ -40,6 +40,11 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     rollout.add_argument("--split", choices=["train", "val"], default="train")
     train = command("train", "train the agent with GRPO")
     train.add_argument("--resume", default=None, help="run directory to continue from its last checkpoint")
+    command(
+        "optimize",
+        "improve the prompt optimize.prompt by critique-and-rewrite beam search, or select among "
+        "optimize.candidates (prompts or models) by successive halving, scored on the validation split",
+    )
     view = commands["view"] = sub.add_parser("view", help="serve the live run page of a run directory")
     view.add_argument("run_dir", help="a run directory (runs/<name>/<run>), during the run or after it")
     view.add_argument("--host", default="127.0.0.1", help="bind address; other than loopback needs a token")
@@ -207,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             from lightning_ray.loop import train
 
             train(cfg, resume=args.resume)
+        elif args.command == "optimize":
+            from lightning_ray.optimize.run import optimize
+
+            optimize(cfg)
     except (ConfigError, BrokenEnvironment, ResumeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -40,7 +40,7 @@ from lightning_ray.monitor.run_log import RunLog, step_line
 from lightning_ray.monitor.staleness import stale_share, staleness_metrics
 from lightning_ray.monitor.summary import check_failure_rate
 from lightning_ray.monitor.watchdog import PROBE_TIMEOUT_S, Watchdog
-from lightning_ray.rollouts.collect import Batch, collect_batch
+from lightning_ray.rollouts.collect import Batch, first_tasks, held_out_scores
 from lightning_ray.rollouts.ledger import Ledger, accounting, accounting_line
 from lightning_ray.rollouts.stack import start_rollout_stack, stop_rollout_stack
 from lightning_ray.rollouts.stream import RolloutStream, SavedStream, load_stream
@@ -337,19 +337,8 @@ def training_rows(transitions: pa.Table, cfg: Config) -> pa.Table:
 def validate(cfg: Config, val_pool: Any, workers: RolloutWorkers) -> dict[str, float]:
     """The split's first `trainer.val_limit` held-out tasks (all when unset), the same ones each time, one greedy
     rollout each; solved when the reward reaches `trainer.success_threshold`."""
-    num_tasks = get(val_pool.num_tasks.remote(), "validation pool", PROBE_TIMEOUT_S, TaskPoolLost)
-    get(val_pool.rewind.remote(), "validation pool", PROBE_TIMEOUT_S, TaskPoolLost)
-    n = min(cfg.trainer.val_limit or num_tasks, num_tasks)
-    batch = collect_batch(
-        val_pool, workers, n, group_size=1, desc="validation", sampling={"temperature": 0.0}
-    )
-    rewards = [r.reward for r in batch.records]
-    solved = sum(1 for r in rewards if r is not None and r >= cfg.trainer.success_threshold)
-    return {
-        "val/success_rate": solved / max(len(rewards), 1),
-        "val/reward_mean": sum(r or 0.0 for r in rewards) / max(len(rewards), 1),
-        "val/failure_rate": batch.summary.failure_rate,
-    }
+    batch = first_tasks(val_pool, workers, cfg.trainer.val_limit, {"temperature": 0.0}, "validation")
+    return {f"val/{k}": v for k, v in held_out_scores(batch, cfg.trainer.success_threshold).items()}
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

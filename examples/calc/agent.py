@@ -9,6 +9,7 @@ from __future__ import annotations
 import openai
 
 import lightning_ray as lr
+from examples.calc.prompt import SYSTEM_RULE
 from examples.calc.protocol import Chat, run_episode
 from examples.calc.reward import shaped_reward
 
@@ -28,8 +29,10 @@ def make_chat(client: openai.AsyncOpenAI, llm: lr.LLM) -> Chat:
 @lr.rollout
 async def calc_agent(task: dict, llm: lr.LLM) -> float:
     """Solve one word problem with the calculator tool; 1.0 for the right ``<answer>``, partial credit for
-    answer format and tool use otherwise (see ``shaped_reward``)."""
+    answer format and tool use otherwise (see ``shaped_reward``). The system prompt is the named prompt
+    ``system``: ``SYSTEM_RULE`` unless the config's ``prompts.system`` (or ``lightning-ray optimize``) sets it."""
+    system = llm.prompt("system", default=SYSTEM_RULE)
     client = openai.AsyncOpenAI(base_url=llm.base_url, api_key=llm.api_key)
     async with client:
-        episode = await run_episode(task["question"], make_chat(client, llm))
+        episode = await run_episode(task["question"], make_chat(client, llm), system)
     return shaped_reward(episode.final_reply, float(task["answer"]), episode.tool_calls)

@@ -31,6 +31,6 @@ DEMO: list[dict[str, str]] = [
 ]
 
 
-def initial_messages(question: str) -> list[dict[str, str]]:
+def initial_messages(question: str, system: str = SYSTEM_RULE) -> list[dict[str, str]]:
     """The conversation the agent opens with: system rule, demo exchanges, then the task's question."""
-    return [{"role": "system", "content": SYSTEM_RULE}, *DEMO, {"role": "user", "content": question}]
+    return [{"role": "system", "content": system}, *DEMO, {"role": "user", "content": question}]

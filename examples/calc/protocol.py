@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from examples.calc.prompt import initial_messages
+from examples.calc.prompt import SYSTEM_RULE, initial_messages
 from examples.calc.reward import ANSWER_TAG
 from examples.calc.tool import run_tool
 
@@ -83,9 +83,9 @@ def end_reason(action: Action) -> Literal["answer", "no_action", "tool_budget"]:
     return "tool_budget" if action.kind == "calc" else "no_action"
 
 
-def start_episode(question: str) -> Episode:
-    """A fresh episode holding the opening messages for ``question``."""
-    return Episode(messages=initial_messages(question))
+def start_episode(question: str, system: str = SYSTEM_RULE) -> Episode:
+    """A fresh episode holding the opening messages for ``question`` under the system prompt ``system``."""
+    return Episode(messages=initial_messages(question, system))
 
 
 def record_reply(episode: Episode, reply: str) -> bool:
@@ -100,9 +100,9 @@ def record_reply(episode: Episode, reply: str) -> bool:
     return False
 
 
-async def run_episode(question: str, chat: Chat) -> Episode:
+async def run_episode(question: str, chat: Chat, system: str = SYSTEM_RULE) -> Episode:
     """Talk to the model through ``chat`` until it answers, stops using the protocol or exhausts the tool."""
-    episode = start_episode(question)
+    episode = start_episode(question, system)
     done = False
     while not done:
         done = record_reply(episode, await chat(episode.messages))

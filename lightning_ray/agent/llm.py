@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,13 +24,15 @@ class LLM:
     api_key=llm.api_key)`), use `model` as the model name and `sampling_kwargs()` for the sampling settings
     the run was configured with; each setting is also an attribute (`llm.temperature`, `llm.max_tokens`, every
     field of `SamplingConfig`). The rollout's identity lives in the URL path, so every call made through it,
-    by any framework, is recorded for that rollout.
+    by any framework, is recorded for that rollout. `prompt(name)` is the text of a named prompt: the config's
+    `prompts` section, or the candidate `lightning-ray optimize` is scoring.
     """
 
     base_url: str
     api_key: str = field(default="EMPTY", repr=False)  # the gateway's bearer token when it needs one
     model: str = ""
     sampling: SamplingConfig = field(default_factory=SamplingConfig, hash=False)
+    prompts: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def __init__(
         self,
@@ -37,15 +40,17 @@ class LLM:
         api_key: str = "EMPTY",
         model: str = "",
         sampling: SamplingConfig | None = None,
+        prompts: Mapping[str, str] | None = None,
         **settings: Any,
     ) -> None:
         """`settings` are sampling settings (`temperature=0.7`, ...) over those of `sampling`; unknown or
-        out-of-range ones are a ValueError."""
+        out-of-range ones are a ValueError. `prompts`: the named prompts `prompt(name)` returns."""
         base = sampling.model_dump() if sampling is not None else {}
         object.__setattr__(self, "base_url", base_url)
         object.__setattr__(self, "api_key", api_key)
         object.__setattr__(self, "model", model)
         object.__setattr__(self, "sampling", SamplingConfig.model_validate({**base, **settings}))
+        object.__setattr__(self, "prompts", dict(prompts or {}))
 
     def __getattr__(self, name: str) -> Any:
         # Only called for names that are not attributes: the sampling settings.
@@ -80,6 +85,18 @@ class LLM:
                 f"base_url {self.base_url!r} is not a rollout URL (…/rollout/<id>/v1), so it cannot address a role"
             )
         return dataclasses.replace(self, base_url=rollout_url(url.root, url.rollout_id, role))
+
+    def prompt(self, name: str, default: str | None = None) -> str:
+        """The text of the prompt `name`: the candidate being scored when `lightning-ray optimize` searches it,
+        else the config's `prompts.<name>`, else `default` (the agent's own text, so an agent runs unchanged
+        without any config). Neither set is a KeyError naming the prompt."""
+        text = self.prompts.get(name, default)
+        if text is None:
+            raise KeyError(
+                f"prompt {name!r}: not set; set prompts.{name} in the config or give the agent a default "
+                f"(llm.prompt({name!r}, default=...))"
+            )
+        return text
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `client.chat.completions.create(...)` carrying the configured sampling: OpenAI's

@@ -15,6 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from lightning_ray.config.inference import InferenceConfig, SamplingConfig
+from lightning_ray.config.optimize import EditorConfig, OptimizeConfig
 from lightning_ray.config.sections import (
     AlgorithmConfig,
     DataConfig,
@@ -37,12 +38,14 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "EditorConfig",
     "GatewayConfig",
     "InferenceConfig",
     "LearnerConfig",
     "LoggingConfig",
     "LoraConfig",
     "ModelConfig",
+    "OptimizeConfig",
     "Placement",
     "RayConfig",
     "RolloutConfig",
@@ -71,6 +74,11 @@ class Config(Section):
     algorithm: AlgorithmConfig = AlgorithmConfig()
     sft: SftConfig = SftConfig()
     trainer: TrainerConfig = TrainerConfig()
+    prompts: dict[str, str] = Field(
+        default_factory=dict,
+        description="Named prompts an agent reads with `llm.prompt(name)`; `lightning-ray optimize` searches one.",
+    )
+    optimize: OptimizeConfig = OptimizeConfig()
     logging: LoggingConfig = LoggingConfig()
     ray: RayConfig = RayConfig()
     source: str | None = Field(None, exclude=True, description="File the config was read from.")

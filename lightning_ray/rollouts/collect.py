@@ -15,6 +15,7 @@ from tqdm import tqdm
 from lightning_ray.data.schema import GROUP_TABLES, ROLLOUT_SCHEMA, concat_refs
 from lightning_ray.faults import TaskPoolLost, get
 from lightning_ray.monitor.summary import BatchSummary, summarize_batch
+from lightning_ray.monitor.watchdog import PROBE_TIMEOUT_S
 
 if TYPE_CHECKING:
     from lightning_ray.rollouts.supervisor import RolloutWorkers
@@ -79,6 +80,29 @@ def collect_batch(
     return Batch(
         tables["transitions"], tables["rollouts"], records, summarize_batch(records), time.perf_counter() - t0
     )
+
+
+def first_tasks(
+    pool: Any, workers: RolloutWorkers, limit: int | None, sampling: dict[str, Any], desc: str
+) -> Batch:
+    """The pool's first `limit` tasks (all when None), one rollout each with `sampling` (and its `prompts`):
+    the same tasks every call, in the pool's order. Validation and `lightning-ray optimize` score this way."""
+    num_tasks = get(pool.num_tasks.remote(), f"{desc} pool", PROBE_TIMEOUT_S, lost=TaskPoolLost)
+    get(pool.rewind.remote(), f"{desc} pool", PROBE_TIMEOUT_S, lost=TaskPoolLost)
+    n = min(limit or num_tasks, num_tasks)
+    return collect_batch(pool, workers, n, group_size=1, desc=desc, sampling=sampling)
+
+
+def held_out_scores(batch: Batch, success_threshold: float) -> dict[str, float]:
+    """success_rate (rewards reaching `success_threshold`), reward_mean (a failed rollout counts 0) and
+    failure_rate of a batch of one rollout per task."""
+    rewards = [r.reward for r in batch.records]
+    solved = sum(1 for r in rewards if r is not None and r >= success_threshold)
+    return {
+        "success_rate": solved / max(len(rewards), 1),
+        "reward_mean": sum(r or 0.0 for r in rewards) / max(len(rewards), 1),
+        "failure_rate": batch.summary.failure_rate,
+    }
 
 
 def rollout_records(records: list[Any], rollouts: pa.Table) -> pa.Table:

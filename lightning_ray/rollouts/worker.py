@@ -115,7 +115,8 @@ class RolloutWorker:
         every rollout ended); returns counts of what this worker ran.
 
         `pool` runs a batch of another TaskPool (validation); `sampling` overrides the configured sampling
-        the agents are given (e.g. `{"temperature": 0.0}` for greedy validation).
+        the agents are given (e.g. `{"temperature": 0.0}` for greedy validation), and its `prompts` the
+        config's named prompts (`llm.prompt`, the candidates `lightning-ray optimize` scores).
 
         One lease call is always out while there is room for more rollouts; the pool answers it as soon as work
         comes in (or the batch is done), so neither an idle nor a busy worker polls. With `rollout.max_hung_threads`
@@ -219,7 +220,7 @@ class RolloutWorker:
             api_key=self.gateway.api_key,
             model=self.gateway.served_model,
             sampling=self.cfg.inference.sampling,
-            **overrides,
+            **{"prompts": self.cfg.prompts, **overrides},  # a batch's prompts replace the config's
         )
         self.gateway.open_rollout(rid)
         self.open_rollouts.add(rid)
