@@ -1,4 +1,4 @@
-"""`lightning-ray check|serve|rollout|train|optimize CONFIG [key.sub=value ...]`, `lightning-ray view RUN_DIR`,
+"""`lightning-ray check|serve [--learn]|rollout|train|optimize CONFIG [key.sub=value ...]`, `lightning-ray view RUN_DIR`,
 `lightning-ray scale RUN_DIR --workers N|auto`, `lightning-ray runner URL --agent module:fn`.
 
 Overrides may come before, between or after the options (`rollout x.yaml --limit 8 trainer.steps=3`).
@@ -34,7 +34,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "validate a config file: its fields, the dataset splits, the agent, the chat template and tool parser, "
         "and that it fits this machine or ray.address",
     )
-    command("serve", "start the inference service and the OpenAI-compatible gateway, print the URL")
+    serve = command("serve", "start the inference service and the OpenAI-compatible gateway, print the URL")
+    serve.add_argument(
+        "--learn",
+        action="store_true",
+        help="also train on the rewarded live rollouts (the live: section; README 'Learning from live traffic')",
+    )
     rollout = command("rollout", "run the dataset through the agent once and summarise")
     rollout.add_argument("--limit", type=int, default=None, help="only the first N tasks")
     rollout.add_argument("--split", choices=["train", "val"], default="train")
@@ -119,8 +124,14 @@ def cmd_check(cfg: Config) -> None:
     print(f"{cfg.source}: ok")
 
 
-def cmd_serve(cfg: Config) -> None:
-    """Deploy the inference replicas, then run the gateway in front of them until Ctrl-C."""
+def cmd_serve(cfg: Config, learn: bool) -> None:
+    """Deploy the inference replicas, then run the gateway in front of them until Ctrl-C; with `learn`, the
+    live gateway and the training loop on its rewarded rollouts (`lightning_ray.live.run`)."""
+    if learn:
+        from lightning_ray.live.run import learn as learn_live
+
+        learn_live(cfg)
+        return
     from lightning_ray.gateway.standalone import serve_gateway
     from lightning_ray.rollouts.stack import deploy_policies
     from lightning_ray.runtime import init_ray
@@ -201,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             cmd_check(cfg)
         elif args.command == "serve":
-            cmd_serve(cfg)
+            cmd_serve(cfg, args.learn)
         elif args.command == "rollout":
             from lightning_ray.rollouts.run import run_rollout
 

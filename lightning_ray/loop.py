@@ -71,13 +71,7 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
         if cfg.gateway.runners.enabled:
             runners = start_runner_gateway(cfg, inference, pool, run_dir)
         val_pool = task_pool_from_config(cfg, "val") if cfg.data.val and cfg.trainer.val_every else None
-        learners = LearnerGroup(
-            cfg.learner,
-            resolve_model(cfg.model.path),
-            seed=cfg.trainer.seed,
-            timeout_s=max(STARTUP_DEADLINE_S, cfg.trainer.stall_timeout_s),
-            max_bad_steps=cfg.trainer.max_bad_steps,
-        )
+        learners = start_learners(cfg)
         log = RunLog(cfg, run_dir, resume=resume is not None)
         run(cfg, plan, run_dir, inference, pool, workers, val_pool, learners, log, files)
     finally:
@@ -87,6 +81,17 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
             runners.stop_sync()
         stop_rollout_stack(cfg, workers, [pool, val_pool])
     return log.rows
+
+
+def start_learners(cfg: Config) -> LearnerGroup:
+    """The run's DeepSpeed learners on the starting weights of `model.path`."""
+    return LearnerGroup(
+        cfg.learner,
+        resolve_model(cfg.model.path),
+        seed=cfg.trainer.seed,
+        timeout_s=max(STARTUP_DEADLINE_S, cfg.trainer.stall_timeout_s),
+        max_bad_steps=cfg.trainer.max_bad_steps,
+    )
 
 
 def run(

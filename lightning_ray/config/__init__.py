@@ -15,6 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from lightning_ray.config.inference import InferenceConfig, SamplingConfig
+from lightning_ray.config.live import LiveConfig
 from lightning_ray.config.optimize import EditorConfig, OptimizeConfig
 from lightning_ray.config.sections import (
     AlgorithmConfig,
@@ -42,6 +43,7 @@ __all__ = [
     "GatewayConfig",
     "InferenceConfig",
     "LearnerConfig",
+    "LiveConfig",
     "LoggingConfig",
     "LoraConfig",
     "ModelConfig",
@@ -73,6 +75,7 @@ class Config(Section):
     learner: LearnerConfig = LearnerConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     sft: SftConfig = SftConfig()
+    live: LiveConfig = LiveConfig()
     trainer: TrainerConfig = TrainerConfig()
     prompts: dict[str, str] = Field(
         default_factory=dict,

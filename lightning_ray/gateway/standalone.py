@@ -38,12 +38,22 @@ async def serve_gateway(
         await gateway.stop()
 
 
-def describe(gateway: Gateway) -> str:
-    """What `lightning-ray serve` prints: the URL and how to use it."""
+def print_learning(gateway: Gateway) -> None:
+    print(describe(gateway, learn=True), flush=True)
+
+
+def describe(gateway: Gateway, learn: bool = False) -> str:
+    """What `lightning-ray serve` prints: the URL and how to use it (with `--learn`, how to reward)."""
     auth = ' -H "Authorization: Bearer $TOKEN"' if gateway.auth_token else ""
+    reward = (
+        f"\n  reward it:        curl -X POST{auth} {gateway.url}/rollouts/ROLLOUT_ID/reward -d '{{\"value\": 1}}'"
+        if learn
+        else ""
+    )
     return (
         f"gateway: {gateway.url} (model {gateway.served_model})\n"
         f"  open a rollout:   curl -X POST{auth} {gateway.url}/rollouts   -> {{rollout_id, base_url}}\n"
         f"  OpenAI base URL:  {rollout_url(gateway.url, 'ROLLOUT_ID')}\n"
         f"  its transitions:  curl{auth} {gateway.url}/rollouts/ROLLOUT_ID   (DELETE closes it)"
+        f"{reward}"
     )
