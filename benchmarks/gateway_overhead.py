@@ -13,18 +13,27 @@ the overhead is visible. Sequential calls alternate (a) and (b) so that backgrou
 the concurrent run keeps `--concurrency` calls in flight per path. Prints p50/p99 per call for both paths,
 their difference and ratio, and writes benchmarks/results/gateway_overhead[_<model>].json, with the 1-minute
 load average after each phase and whether every recorded prompt's ids equal a render + tokenize from scratch.
+
+CPU per call, to tell what the 2 cores are spent on (other users' load does not enter these): `driver` is this
+process (the agent's OpenAI client, the sidecar gateway, the Serve handle), `engine` the Ray processes this run
+started (vLLM, its replica, Serve). A last phase runs the same concurrent calls through a second gateway on an
+event loop in a thread of its own, whose thread CPU clock is the gateway's own CPU per call (HTTP server,
+routing, render, record, the handle call); the rest of the path's driver CPU is the client's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -55,6 +64,16 @@ def load_avg() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def cpu_seconds(engine: list) -> tuple[float, float]:
+    """(CPU seconds of this process, of the engine's processes) so far."""
+    total = 0.0
+    for proc in engine:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return time.process_time(), total
+
+
 def overhead(direct: dict[str, float], gateway: dict[str, float]) -> dict[str, float]:
     return {
         "p50_diff_ms": round(gateway["p50_ms"] - direct["p50_ms"], 2),
@@ -67,24 +86,30 @@ def overhead(direct: dict[str, float], gateway: dict[str, float]) -> dict[str, f
 async def bench(args: argparse.Namespace, handle, cfg) -> dict:
     import openai
 
-    from lightning_ray.gateway import start_gateway
+    from lightning_ray.gateway import start_gateway, start_gateway_thread
     from lightning_ray.gateway.render import decode, encode, render_chat
 
+    # The Ray processes this run started (engine, replica, Serve); ray.init made them children of this one.
+    engine = psutil.Process().children(recursive=True)
     gw = await start_gateway(cfg, handle=handle)
     messages = [{"role": "user", "content": QUESTION}]
     sampling = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": args.tokens}
     n_clients = max(1, args.concurrency)
     rollout_ids = [f"bench-{i}-{os.urandom(8).hex()}" for i in range(n_clients)]
-    for rid in rollout_ids:
-        gw.open_rollout(rid)
-    clients = [
-        openai.AsyncOpenAI(base_url=gw.base_url(rid), api_key=gw.api_key, max_retries=0)
-        for rid in rollout_ids
-    ]
 
-    async def via_gateway(i: int) -> tuple[float, int]:
+    def openai_clients(gateway) -> list:
+        for rid in rollout_ids:
+            gateway.open_rollout(rid)
+        return [
+            openai.AsyncOpenAI(base_url=gateway.base_url(rid), api_key=gateway.api_key, max_retries=0)
+            for rid in rollout_ids
+        ]
+
+    clients = openai_clients(gw)
+
+    async def via_gateway(i: int, through: list | None = None) -> tuple[float, int]:
         t0 = time.perf_counter()
-        reply = await clients[i].chat.completions.create(
+        reply = await (through or clients)[i].chat.completions.create(
             model=gw.served_model, messages=messages, max_tokens=args.tokens, temperature=0.0
         )
         return time.perf_counter() - t0, reply.usage.completion_tokens
@@ -103,10 +128,13 @@ async def bench(args: argparse.Namespace, handle, cfg) -> dict:
         await via_gateway(0)
 
     seq: dict[str, list[tuple[float, int]]] = {"direct": [], "gateway": []}
+    seq_cpu = {"direct": 0.0, "gateway": 0.0}
     for k in range(args.calls):
         order = [("direct", direct), ("gateway", via_gateway)]
         for name, fn in order if k % 2 == 0 else order[::-1]:
+            c0 = time.process_time()
             seq[name].append(await fn(0))
+            seq_cpu[name] += time.process_time() - c0
     seq_load = load_avg()
 
     async def closed_loop(fn, total: int) -> tuple[list[tuple[float, int]], float]:
@@ -123,17 +151,32 @@ async def bench(args: argparse.Namespace, handle, cfg) -> dict:
         return results, time.perf_counter() - t0
 
     conc: dict[str, tuple[list[tuple[float, int]], float]] = {}
+    cpu = {"direct": [0.0, 0.0], "gateway": [0.0, 0.0]}  # [driver, engine] CPU seconds
     total = args.concurrent_calls
     await closed_loop(direct, n_clients)  # warm the batch path
     await closed_loop(via_gateway, n_clients)
     # Two rounds per path, alternating, pooled.
     for name, fn in [("direct", direct), ("gateway", via_gateway)] * 2:
+        before = cpu_seconds(engine)
         res, wall = await closed_loop(fn, total // 2)
+        cpu[name] = [acc + b - a for acc, a, b in zip(cpu[name], before, cpu_seconds(engine), strict=True)]
         prev_res, prev_wall = conc.get(name, ([], 0.0))
         conc[name] = (prev_res + res, prev_wall + wall)
     conc_load = load_avg()
 
     recorded = [t for rid in rollout_ids for t in gw.close_rollout(rid)]
+    # The gateway's own CPU: the same calls through a gateway on a thread of its own, timed by its CPU clock.
+    gw_thread = await asyncio.to_thread(start_gateway_thread, cfg, handle=handle)
+    thread_clients = openai_clients(gw_thread)
+    clock = time.pthread_getcpuclockid(gw_thread._thread.ident)
+    await closed_loop(lambda i: via_gateway(i, thread_clients), n_clients)
+    own0, before = time.clock_gettime(clock), cpu_seconds(engine)
+    await closed_loop(lambda i: via_gateway(i, thread_clients), total // 2)
+    own_s, after = time.clock_gettime(clock) - own0, cpu_seconds(engine)
+    recorded += [t for rid in rollout_ids for t in gw_thread.close_rollout(rid)]
+    for c in thread_clients:
+        await c.close()
+    await asyncio.to_thread(gw_thread.stop_sync)
     # The ids the gateway recorded, against a render + tokenize from scratch (none of the gateway's caches).
     tok = gw.state.tokenizer
     fresh_ids = encode(tok, render_chat(tok, messages, chat_template=gw.state.chat_template))
@@ -157,13 +200,32 @@ async def bench(args: argparse.Namespace, handle, cfg) -> dict:
         out["overhead"] = overhead(out["direct"], out["gateway"])
         return out
 
+    def ms_per_call(seconds: float, calls: int) -> float:
+        return round(1000 * seconds / calls, 3)
+
+    conc_calls = len(conc["direct"][0])
+    thread_calls = total // 2
     return {
         "prompt_tokens": len(prompt_ids),
         "gateway_calls_recorded": len(recorded),
         "recorded_ids_exact": exact,
-        "sequential": {**section(seq), "load_avg_1m_at_end": seq_load},
+        "sequential": {
+            **section(seq),
+            "driver_cpu_ms_per_call": {k: ms_per_call(v, args.calls) for k, v in seq_cpu.items()},
+            "load_avg_1m_at_end": seq_load,
+        },
         f"concurrent_{n_clients}": {
             **section({k: v[0] for k, v in conc.items()}, walls={k: v[1] for k, v in conc.items()}),
+            "cpu_ms_per_call": {
+                k: {"driver": ms_per_call(d, conc_calls), "engine": ms_per_call(e, conc_calls)}
+                for k, (d, e) in cpu.items()
+            },
+            "gateway_thread": {
+                "calls": thread_calls,
+                "gateway_own_cpu_ms_per_call": ms_per_call(own_s, thread_calls),
+                "driver_cpu_ms_per_call": ms_per_call(after[0] - before[0], thread_calls),
+                "engine_cpu_ms_per_call": ms_per_call(after[1] - before[1], thread_calls),
+            },
             "load_avg_1m_at_end": conc_load,
         },
     }
