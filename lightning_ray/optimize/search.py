@@ -63,9 +63,12 @@ def beam_search(
     nodes: list[Node] = []
     seen: set[str] = set()
 
+    def spent() -> bool:
+        return budget is not None and len(nodes) >= budget
+
     def add(text: str, parent: int | None, rnd: int, critique: str | None) -> Node | None:
         text = text.strip()
-        if not text or text in seen or (budget is not None and len(nodes) >= budget):
+        if not text or text in seen or spent():
             return None
         seen.add(text)
         node = Node(len(nodes), text, parent, rnd, critique)
@@ -81,6 +84,8 @@ def beam_search(
     for rnd in range(1, rounds + 1):
         new = []
         for parent in beam:
+            if spent():  # no minibatch or editor call for rewrites that could not be scored
+                break
             edit = expand(parent)
             new += [n for text in edit.rewrites if (n := add(text, parent.id, rnd, edit.critique))]
         if not new:

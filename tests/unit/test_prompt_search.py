@@ -51,8 +51,15 @@ def test_beam_search_climbs_and_records_the_tree():
 
 
 def test_beam_search_budget_width_and_a_stuck_editor():
-    nodes = beam_search("Solve it.", word_score, adding_editor, beam_width=1, rounds=5, budget=4)
+    expanded = []
+
+    def counting_editor(node: Node) -> Edit:
+        expanded.append(node.id)
+        return adding_editor(node)
+
+    nodes = beam_search("Solve it.", word_score, counting_editor, beam_width=1, rounds=5, budget=4)
     assert len(nodes) == 4 and best(nodes).score == 0.5
+    assert len(expanded) == 2  # once the budget is spent, no more expansions
     stuck = beam_search("Solve it.", word_score, lambda n: Edit("nothing", []), beam_width=2, rounds=3)
     assert len(stuck) == 1 and best(stuck).id == 0
     garbage = beam_search("Solve it.", word_score, lambda n: Edit("?", ["", "   "]), beam_width=2, rounds=2)
