@@ -18,8 +18,9 @@ class LiveConfig(Section):
     reward_deadline_s: float = Field(
         300.0,
         gt=0,
-        description="Seconds after a live rollout is opened within which its reward must arrive; after it the "
-        "rollout is dropped (reason reward_deadline, in RUN_DIR/live.jsonl and the ledger).",
+        description="Seconds after a live rollout's last call (or its opening, before any) within which its "
+        "reward must arrive; after it the rollout is dropped (reason reward_deadline, in RUN_DIR/live.jsonl and "
+        "the ledger).",
     )
     group_fraction: float = Field(
         0.25, ge=0, le=1, description="The share of live rollouts that get extra samples and so train."

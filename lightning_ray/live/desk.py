@@ -5,7 +5,7 @@ gets. When its first call is recorded, a `live.group_fraction` share of rollouts
 (`LivePool.start_live_group`): index 0 is the client's rollout, indices 1.. are extra completions of that first
 request sampled here in the background (never returned to anyone) and rewarded by the scorer. The client's
 rollout ends with the reward it posts (`POST /rollouts/{id}/reward`), or with the scorer's (`live.score_user`),
-or, past `live.reward_deadline_s` without one, is dropped as `reward_deadline`. Every ending is reported to the
+or, `live.reward_deadline_s` after its last call without one, is dropped as `reward_deadline`. Every ending is reported to the
 pool through `report_group` like any runner's, so the training loop takes complete groups from its stream.
 
 Rollouts outside the grouped share are singletons: recorded, rewarded and logged, never trained. Every live
@@ -53,6 +53,7 @@ class LiveRollout:
     rollout_id: str
     opened: float  # monotonic
     grouped: bool
+    last: float  # monotonic: its last recorded call, or its opening; the reward deadline counts from here
     policy_version: int | None = None  # of its first call
     leases: list[Lease] = field(default_factory=list)  # its group's, index 0 its own; [] until it starts
     starting: asyncio.Task | None = None
@@ -60,7 +61,7 @@ class LiveRollout:
 
 
 class LiveRecorder(Recorder):
-    """The gateway's recorder, telling the desk when a live rollout opens and when its first call is recorded."""
+    """The gateway's recorder, telling the desk when a live rollout opens and when a call of it is recorded."""
 
     def __init__(self, desk: LiveDesk) -> None:
         super().__init__()
@@ -72,8 +73,8 @@ class LiveRecorder(Recorder):
 
     def record(self, rollout_id: str, transition: Transition, prior: Any) -> bool:
         kept = super().record(rollout_id, transition, prior)
-        if kept and transition.call_index == 0:
-            self.desk.first_call(rollout_id, transition)
+        if kept:
+            self.desk.recorded(rollout_id, transition)
         return kept
 
 
@@ -101,12 +102,17 @@ class LiveDesk:
         if rollout_id in self.extras:
             return
         grouped = self.random.random() < self.live_cfg.group_fraction
-        self.rollouts[rollout_id] = LiveRollout(rollout_id, time.monotonic(), grouped)
+        now = time.monotonic()
+        self.rollouts[rollout_id] = LiveRollout(rollout_id, now, grouped, last=now)
         self._count("opened")
 
-    def first_call(self, rollout_id: str, transition: Transition) -> None:
+    def recorded(self, rollout_id: str, transition: Transition) -> None:
+        """A call of a live rollout was recorded: its deadline starts again; the first one starts its group."""
         rollout = self.rollouts.get(rollout_id)
         if rollout is None:
+            return
+        rollout.last = time.monotonic()
+        if transition.call_index != 0:
             return
         rollout.policy_version = transition.policy_version
         if rollout.grouped:
@@ -240,16 +246,16 @@ class LiveDesk:
             await self.sweep()
 
     async def sweep(self) -> None:
-        """Drop every live rollout whose reward did not come within `live.reward_deadline_s`."""
+        """Drop every live rollout whose reward did not come within `live.reward_deadline_s` of its last call."""
         deadline_s = self.live_cfg.reward_deadline_s
         now = time.monotonic()
-        for rollout in [r for r in self.rollouts.values() if now - r.opened > deadline_s]:
+        for rollout in [r for r in self.rollouts.values() if now - r.last > deadline_s]:
             if rollout.starting is not None:
                 await asyncio.shield(rollout.starting)
             if self.rollouts.get(rollout.rollout_id) is rollout:
                 failure = Failure(
                     kind=DEADLINE,
-                    message=f"no reward within live.reward_deadline_s={deadline_s:g}s of opening the rollout",
+                    message=f"no reward within live.reward_deadline_s={deadline_s:g}s of the rollout's last call",
                 )
                 self._count(DEADLINE)
                 await self._end(rollout, None, failure)
