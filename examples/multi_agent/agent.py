@@ -8,8 +8,11 @@ inference deployment that never receives the new weights). `configs/multi_agent.
 freezes the checker, so the judge of each answer does not drift as the solver learns; without `frozen_agents`
 an untrained role runs on the current, trained policy.
 
-Credit: the rollout's reward (the checker's final answer, scored like the calc example) goes to every trained
-call (see `lightning_ray/data/merge.py`).
+Credit: the rollout's reward goes to every trained call (see `lightning_ray/data/merge.py`): 1.0 when the
+checker's final answer is right; otherwise half the solver's own partial credit (`shaped_reward`: a right answer
+the checker spoiled, answer format, calculator use), so a 135M solver's first steps toward the protocol count.
+Both agents start from worked examples (the solver's as in examples/calc_openai_agents, the checker's one
+review), since from bare instructions SmolLM2-135M neither calls the tool nor writes `<answer>` tags.
 """
 
 from __future__ import annotations
@@ -17,17 +20,22 @@ from __future__ import annotations
 from agents import (
     Agent,
     MaxTurnsExceeded,
+    ModelBehaviorError,
     ModelSettings,
     OpenAIChatCompletionsModel,
     Runner,
+    ToolCallItem,
+    TResponseInputItem,
     function_tool,
     set_tracing_disabled,
 )
 from openai import AsyncOpenAI
 
 import lightning_ray as lr
-from examples.calc.reward import answer_reward
+from examples.calc.reward import answer_reward, shaped_reward
 from examples.calc.tool import run_tool
+from examples.calc.worked_examples import WORKED_EXAMPLES
+from examples.calc_openai_agents.agent import worked_example_items
 
 SOLVER = (
     "Solve the math word problem. Use the calculator tool for arithmetic. "
@@ -38,6 +46,7 @@ CHECKER = (
     "give the right one. Reply only with <answer>NUMBER</answer>."
 )
 MAX_TURNS = 4
+SOLVER_CREDIT = 0.5  # the solver's partial credit counts half when the checker's answer is wrong
 
 set_tracing_disabled(True)
 
@@ -46,6 +55,20 @@ set_tracing_disabled(True)
 def calculator(expression: str) -> str:
     """Evaluate an arithmetic expression such as '12 * 7 + 3'."""
     return run_tool(expression)
+
+
+def review(question: str, solution: str) -> str:
+    """What the checker is asked to check."""
+    return f"Problem: {question}\nSolution: {solution}"
+
+
+def checker_example_items() -> list[TResponseInputItem]:
+    """One worked review: a right solution, its number repeated in the answer format."""
+    ex = WORKED_EXAMPLES[0]
+    return [
+        {"role": "user", "content": review(ex.question, ex.final_reply)},
+        {"role": "assistant", "content": ex.final_reply},
+    ]
 
 
 def agent_for(llm: lr.LLM, name: str, instructions: str, tools: list) -> tuple[Agent, AsyncOpenAI]:
@@ -60,14 +83,20 @@ def agent_for(llm: lr.LLM, name: str, instructions: str, tools: list) -> tuple[A
 
 @lr.rollout
 async def solve_and_check(task: dict, llm: lr.LLM) -> float:
-    """1.0 when the checker's final `<answer>` is right, else 0.0."""
+    """1.0 when the checker's final `<answer>` is right, else half the solver's `shaped_reward`."""
     solver, solver_client = agent_for(llm, "solver", SOLVER, [calculator])
     checker, checker_client = agent_for(llm, "checker", CHECKER, [])
     async with solver_client, checker_client:
+        question = {"role": "user", "content": task["question"]}
         try:
-            solution = await Runner.run(solver, task["question"], max_turns=MAX_TURNS)
-        except MaxTurnsExceeded:
+            solution = await Runner.run(solver, [*worked_example_items(), question], max_turns=MAX_TURNS)
+        except (MaxTurnsExceeded, ModelBehaviorError):  # out of turns; a call to a tool that does not exist
             return 0.0
-        review = f"Problem: {task['question']}\nSolution: {solution.final_output}"
-        verdict = await Runner.run(checker, review, max_turns=1)
-    return answer_reward(str(verdict.final_output or ""), float(task["answer"]))
+        solved = str(solution.final_output or "")
+        to_check = {"role": "user", "content": review(task["question"], solved)}
+        verdict = await Runner.run(checker, [*checker_example_items(), to_check], max_turns=1)
+    expected = float(task["answer"])
+    if answer_reward(str(verdict.final_output or ""), expected) == 1.0:
+        return 1.0
+    tool_calls = sum(isinstance(item, ToolCallItem) for item in solution.new_items)
+    return SOLVER_CREDIT * shaped_reward(solved, expected, tool_calls)

@@ -106,6 +106,7 @@ def test_framework_config_trains(name, inference, tiny_config, tmp_path):
             "inference.sampling.max_tokens=16",
             "rollout.concurrency=8",
             "learner.num_cpus_per_worker=0.5",
+            "algorithm.group_size=4",
             "algorithm.drop_zero_variance=false",
             "data.val=null",
             "trainer.steps=1",
