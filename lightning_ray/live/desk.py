@@ -53,7 +53,10 @@ class LiveRollout:
     rollout_id: str
     opened: float  # monotonic
     grouped: bool
-    last: float  # monotonic: its last recorded call, or its opening; the reward deadline counts from here
+    last: (
+        float  # monotonic: its last call's start or end, or its opening; the reward deadline counts from here
+    )
+    in_flight: int = 0  # calls started and not recorded (a call that fails records nothing)
     policy_version: int | None = None  # of its first call
     leases: list[Lease] = field(default_factory=list)  # its group's, index 0 its own; [] until it starts
     starting: asyncio.Task | None = None
@@ -70,6 +73,11 @@ class LiveRecorder(Recorder):
     def open(self, rollout_id: str) -> None:
         super().open(rollout_id)
         self.desk.opened(rollout_id)
+
+    def reserve(self, rollout_id: str) -> int:
+        index = super().reserve(rollout_id)
+        self.desk.calling(rollout_id)
+        return index
 
     def record(self, rollout_id: str, transition: Transition, prior: Any) -> bool:
         kept = super().record(rollout_id, transition, prior)
@@ -106,12 +114,18 @@ class LiveDesk:
         self.rollouts[rollout_id] = LiveRollout(rollout_id, now, grouped, last=now)
         self._count("opened")
 
+    def calling(self, rollout_id: str) -> None:
+        """A call of a live rollout starts: no deadline while it runs (see `sweep`)."""
+        rollout = self.rollouts.get(rollout_id)
+        if rollout is not None:
+            rollout.last, rollout.in_flight = time.monotonic(), rollout.in_flight + 1
+
     def recorded(self, rollout_id: str, transition: Transition) -> None:
         """A call of a live rollout was recorded: its deadline starts again; the first one starts its group."""
         rollout = self.rollouts.get(rollout_id)
         if rollout is None:
             return
-        rollout.last = time.monotonic()
+        rollout.last, rollout.in_flight = time.monotonic(), max(0, rollout.in_flight - 1)
         if transition.call_index != 0:
             return
         rollout.policy_version = transition.policy_version
@@ -246,10 +260,15 @@ class LiveDesk:
             await self.sweep()
 
     async def sweep(self) -> None:
-        """Drop every live rollout whose reward did not come within `live.reward_deadline_s` of its last call."""
+        """Drop every live rollout whose reward did not come within `live.reward_deadline_s` of its last call. A
+        call still running holds it off, for at most `rollout.timeout_s` more (a failed call records nothing)."""
         deadline_s = self.live_cfg.reward_deadline_s
         now = time.monotonic()
-        for rollout in [r for r in self.rollouts.values() if now - r.last > deadline_s]:
+        grace = self.cfg.rollout.timeout_s
+        expired = [
+            r for r in self.rollouts.values() if now - r.last > deadline_s + (grace if r.in_flight else 0.0)
+        ]
+        for rollout in expired:
             if rollout.starting is not None:
                 await asyncio.shield(rollout.starting)
             if self.rollouts.get(rollout.rollout_id) is rollout:
