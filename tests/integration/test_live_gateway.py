@@ -82,6 +82,6 @@ def test_live_gateway_records_rewards_drops_late_ones_and_completes_groups(infer
             assert user.status == "succeeded"
 
     lines = [json.loads(line) for line in (tmp_path / "live.jsonl").read_text().splitlines()]
-    assert sorted(line["ended"] for line in lines) == ["rewarded", "rewarded", "reward_deadline"]
+    assert sorted(line["ended"] for line in lines) == ["reward_deadline", "rewarded", "rewarded"]
     assert all(line["policy_version"] == 0 and line["grouped"] and line["calls"] == 1 for line in lines)
     assert lines[0]["rollout_id"] == late["rollout_id"]
