@@ -31,6 +31,7 @@ from lightning_ray.data.merge import merge_prefix_turns, select_trained_calls
 from lightning_ray.data.schema import write_parquet
 from lightning_ray.data.sft_files import SftFiles
 from lightning_ray.faults import STARTUP_DEADLINE_S, TaskPoolLost, first_line, get
+from lightning_ray.inference.canary import refuse_undriven
 from lightning_ray.inference.replicas import replica_counts
 from lightning_ray.learner.group import LearnerGroup
 from lightning_ray.models import resolve_model
@@ -60,6 +61,7 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
     Step `s` trains policy version `s - 1` on groups streamed by `RolloutStream` (at most
     `trainer.max_staleness` versions behind), then the replicas serve version `s`. However the run ends,
     RUN_DIR/summary.json says how, with the accounting of every rollout the run started."""
+    refuse_undriven(cfg, "train")
     plan = resume_plan(resume) if resume else None  # a wrong folder fails before Ray starts
     files = sft_files(cfg)  # `sft.source: files`: read and selected before Ray starts
     init_ray(cfg)

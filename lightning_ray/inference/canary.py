@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import ray
 from safetensors.torch import load_file
 
+from lightning_ray.config import Config, ConfigError
 from lightning_ray.weights import object_store, registry
 from lightning_ray.weights.recovery import converge, update_surviving
 
@@ -108,6 +109,16 @@ def judge(
         _stderr(current, candidate),
         waited_s,
     )
+
+
+def refuse_undriven(cfg: Config, command: str) -> None:
+    """`train` and `serve --learn` send each update to every replica and do not drive a canary yet: a config
+    asking for one is refused rather than silently ignored."""
+    if cfg.inference.canary is not None:
+        raise ConfigError(
+            f"inference.canary: `lightning-ray {command}` does not drive a canary yet (each weight update reaches "
+            "every replica); unset it, or drive lightning_ray.inference.canary.Canary from your own code"
+        )
 
 
 def canary_count(share: float, replicas: int) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 from lightning_ray.config import Config, ConfigError
 from lightning_ray.gateway.server import Gateway, start_gateway_thread
 from lightning_ray.gateway.standalone import print_learning
+from lightning_ray.inference.canary import refuse_undriven
 from lightning_ray.live.desk import LiveDesk
 from lightning_ray.live.pool import create_live_pool
 from lightning_ray.live.routes import live_routes
@@ -50,6 +51,7 @@ class GatewayOnly:
 
 def live_config(cfg: Config) -> Config:
     """The run's config: groups of `live.group_size`; refused when grouped rollouts could never be rewarded."""
+    refuse_undriven(cfg, "serve --learn")
     if cfg.algorithm.name != "grpo":
         raise ConfigError(f"algorithm.name: {cfg.algorithm.name}; serve --learn trains grpo")
     if cfg.live.group_fraction > 0 and not cfg.live.has_scorer:

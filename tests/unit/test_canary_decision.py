@@ -8,6 +8,8 @@ import pytest
 from lightning_ray.config import ConfigError, load_config
 from lightning_ray.config.inference import CanaryConfig
 from lightning_ray.inference.canary import canary_count, judge, model_folder_state
+from lightning_ray.live.run import live_config
+from lightning_ray.loop import train
 
 CFG = CanaryConfig(share=0.25, margin=0.25, min_rewards=4, max_wait_s=60.0)
 
@@ -86,3 +88,11 @@ def test_canary_is_off_by_default_and_validated():
 def test_bad_canary_config_names_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message):
         config(*overrides)
+
+
+def test_train_and_serve_learn_refuse_a_canary_they_do_not_drive_before_anything_starts(tmp_path):
+    cfg = config("inference.canary={}", "inference.num_replicas=2", "live.scorer=tests.live_scorers:half")
+    with pytest.raises(ConfigError, match="inference.canary: `lightning-ray train` does not drive a canary"):
+        train(cfg, resume=str(tmp_path / "no-such-run"))  # refused before the resume folder is even read
+    with pytest.raises(ConfigError, match="inference.canary: `lightning-ray serve --learn` does not drive"):
+        live_config(cfg)
