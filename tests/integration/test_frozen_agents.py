@@ -77,6 +77,7 @@ def perturbed_weights(tiny_model_dir) -> tuple[dict, dict]:
     return original, {k: v + 0.5 * torch.randn_like(v) for k, v in original.items()}
 
 
+@pytest.mark.slow  # CI time (a second vLLM deployment, ~65-150 s); role routing: test_frameworks_multi_agent.py
 def test_frozen_role_keeps_the_starting_policy(gateway, inference, frozen_app, tiny_model_dir):
     tok = gateway.state.tokenizer
     rollout_id = secrets.token_urlsafe(16)

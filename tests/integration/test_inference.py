@@ -101,6 +101,7 @@ def interruptible(ray_cluster, tiny_config, tiny_model_dir):
     serve.delete("lightning-ray-interrupt-test")
 
 
+@pytest.mark.slow  # CI time (its own deployment, ~110-180 s); updates under load: test_update_waits_for_in_flight_requests
 def test_interrupted_request_goes_on_with_the_new_weights_and_exact_ids(interruptible, tiny_model_dir):
     """A greedy request that spans an update: its tokens before the update come from the old version, those
     after from the new one, and the part after is exactly what the new weights generate from the prompt plus

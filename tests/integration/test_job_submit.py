@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.job_cluster import free_port, stop_cluster, wait_for_job_agent
@@ -32,6 +33,7 @@ def extracted_working_dir(ray_tmp: str) -> Path:
     return pkg
 
 
+@pytest.mark.slow  # CI time (~170-300 s); the CLI path it submits is the train loop CI runs in test_train_loop.py
 def test_ray_job_submit_trains_and_checkpoints(tiny_model_dir, tmp_path):
     data = tmp_path / "tasks.jsonl"
     data.write_text(

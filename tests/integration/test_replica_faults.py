@@ -102,6 +102,7 @@ def wait_for_replacement(handle, old_replica: str) -> dict:
     raise TimeoutError(f"Serve did not replace replica {old_replica} in {RESTART_TIMEOUT_S:.0f} s")
 
 
+@pytest.mark.slow  # CI time (its own deployment, ~130-210 s); run with the other replica-fault tests
 def test_killed_replica_restarts_on_published_weights_and_resends_the_call_in_flight(
     replica, gateway, original, caplog
 ):
