@@ -21,6 +21,7 @@ import math
 import random
 import secrets
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,7 @@ class LiveDesk:
         self.rollouts: dict[str, LiveRollout] = {}
         self.extras: set[str] = set()  # pool rollout ids of extra samples (recorded, never live)
         self.ended: dict[str, str] = {}  # rollout id -> how it ended
-        self.counts: dict[str, int] = {}
+        self.counts: Counter[str] = Counter()
         self.background: set[asyncio.Task] = set()
         self.state: GatewayState | None = None
         self.random = random.Random(cfg.trainer.seed)
@@ -112,7 +113,7 @@ class LiveDesk:
         grouped = self.random.random() < self.live_cfg.group_fraction
         now = time.monotonic()
         self.rollouts[rollout_id] = LiveRollout(rollout_id, now, grouped, last=now)
-        self._count("opened")
+        self.counts["opened"] += 1
 
     def calling(self, rollout_id: str) -> None:
         """A call of a live rollout starts: no deadline while it runs (see `sweep`)."""
@@ -144,7 +145,7 @@ class LiveDesk:
             rollout.grouped = False
             return
         rollout.leases = leases
-        self._count("groups")
+        self.counts["groups"] += 1
         for lease in leases[1:]:  # in the background: a reward posted now need not wait for them
             self._spawn(self._extra(lease, first, prompt))
         if self.live_cfg.score_user:
@@ -171,7 +172,7 @@ class LiveDesk:
         transitions = self.state.recorder.close(rid)
         self.extras.discard(rid)
         await self._report(lease, transitions, ending, time.monotonic() - started)
-        self._count("extras")
+        self.counts["extras"] += 1
 
     def _call(self, rollout_id: str, first: Transition) -> Call:
         assert self.state is not None
@@ -207,7 +208,7 @@ class LiveDesk:
             await asyncio.shield(rollout.starting)
         rollout = self._open(rollout_id)  # ended meanwhile (another reward, the scorer, the deadline): 409
         on_live_reward(rollout.policy_version, value)
-        self._count("rewarded")
+        self.counts["rewarded"] += 1
         await self._end(rollout, value, None)
         return {
             "rollout_id": rollout_id,
@@ -252,7 +253,7 @@ class LiveDesk:
         try:
             await self.pool.report_group.remote(group_tables([finished]), [report_of(finished)])
         except RayError:  # the run is ending; the pool's lease deadline decides
-            self._count("reports_lost")
+            self.counts["reports_lost"] += 1
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -276,7 +277,7 @@ class LiveDesk:
                     kind=DEADLINE,
                     message=f"no reward within live.reward_deadline_s={deadline_s:g}s of the rollout's last call",
                 )
-                self._count(DEADLINE)
+                self.counts[DEADLINE] += 1
                 await self._end(rollout, None, failure)
 
     def _open(self, rollout_id: str) -> LiveRollout:
@@ -301,9 +302,6 @@ class LiveDesk:
     def stats(self) -> dict[str, Any]:
         return {"open": len(self.rollouts), **self.counts}
 
-    def _count(self, what: str) -> None:
-        self.counts[what] = self.counts.get(what, 0) + 1
-
     def _spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro, name=f"live-{secrets.token_hex(3)}")
         self.background.add(task)
@@ -313,5 +311,5 @@ class LiveDesk:
     def _done(self, task: asyncio.Task) -> None:
         self.background.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            self._count("errors")
+            self.counts["errors"] += 1
             log.error("live gateway: %s failed", task.get_name(), exc_info=task.exception())
