@@ -13,7 +13,6 @@ batch depends on its number only, so a resumed run trains exactly what the kille
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from functools import cache
@@ -29,6 +28,7 @@ from lightning_ray.algorithms.sft import select_best
 from lightning_ray.config import Config, ConfigError
 from lightning_ray.config.sft import source_paths
 from lightning_ray.data.schema import TRANSITION_SCHEMA
+from lightning_ray.rollouts.ledger import read_ledger
 
 
 @dataclass
@@ -111,5 +111,4 @@ def trained_rollouts(path: Path) -> frozenset[str]:
 
 @cache
 def _trained(ledger: Path) -> frozenset[str]:
-    lines = (json.loads(line) for line in ledger.read_text().splitlines() if line.strip())
-    return frozenset(e["rollout_id"] for e in lines if e["outcome"] == "trained")
+    return frozenset(e["rollout_id"] for e in read_ledger(ledger) if e["outcome"] == "trained")

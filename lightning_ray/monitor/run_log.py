@@ -113,21 +113,26 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The last row of each step (a resumed run may repeat a step it had logged before stopping). A line cut
-    in half (the run was killed mid-write, or is writing it now) is skipped with a warning."""
-    if not path.exists():
-        return []
-    by_step = {}
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file of the run (metrics.jsonl, ledger.jsonl). A line cut in half (the run was
+    killed or the disk filled mid-write, or it is being written now) is skipped with a warning."""
+    rows = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            rows.append(json.loads(line))
         except ValueError:
             log.warning("%s: line %d is cut off or corrupt, skipped: %.80r", path, number, line)
-            continue
-        by_step[row["step"]] = row
+    return rows
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The last row of each step (a resumed run may repeat a step it had logged before stopping); a line cut
+    in half is skipped (`read_json_lines`)."""
+    if not path.exists():
+        return []
+    by_step = {row["step"]: row for row in read_json_lines(path)}
     return [by_step[s] for s in sorted(by_step)]
 
 

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lightning_ray.monitor.run_log import read_json_lines
+
 OUTCOMES = ("trained", "dropped", "failed")
 
 
@@ -22,10 +24,10 @@ class Ledger:
         self.entered: set[str] = set()
         self.counts: Counter[str] = Counter()  # since the last `take_counts`
         self.totals: Counter[str] = Counter()  # since this process opened the ledger
-        lines = path.read_text().splitlines() if keep_before_version is not None and path.exists() else []
-        kept = [line for line in lines if json.loads(line)["version"] < keep_before_version]
-        path.write_text("".join(f"{line}\n" for line in kept))
-        self.entered.update(json.loads(line)["rollout_id"] for line in kept)
+        entries = read_json_lines(path) if keep_before_version is not None and path.exists() else []
+        kept = [e for e in entries if e["version"] < keep_before_version]
+        path.write_text("".join(json.dumps(e) + "\n" for e in kept))
+        self.entered.update(e["rollout_id"] for e in kept)
         self.kept = len(kept)
 
     def trained(self, records: Iterable[Any], version: int) -> None:
@@ -105,4 +107,4 @@ def accounting_line(acc: dict[str, Any]) -> str:
 
 
 def read_ledger(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_json_lines(path)
