@@ -10,7 +10,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,7 +31,7 @@ from lightning_ray.data.merge import merge_prefix_turns, select_trained_calls
 from lightning_ray.data.schema import write_parquet
 from lightning_ray.data.sft_files import SftFiles
 from lightning_ray.faults import STARTUP_DEADLINE_S, TaskPoolLost, first_line, get
-from lightning_ray.inference.canary import refuse_undriven
+from lightning_ray.inference.canary import refuse_in_train
 from lightning_ray.inference.replicas import replica_counts
 from lightning_ray.learner.group import LearnerGroup
 from lightning_ray.models import resolve_model
@@ -54,6 +54,9 @@ from lightning_ray.tasks.actor import task_pool_from_config
 from lightning_ray.view.app import start_view
 from lightning_ray.weights import sync_weights
 
+if TYPE_CHECKING:
+    from lightning_ray.live.promotion import CanaryRelease
+
 
 def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
     """Train `cfg.trainer.steps` GRPO steps; with `resume`, continue a run directory from its last checkpoint.
@@ -61,7 +64,7 @@ def train(cfg: Config, resume: str | None = None) -> list[dict[str, Any]]:
     Step `s` trains policy version `s - 1` on groups streamed by `RolloutStream` (at most
     `trainer.max_staleness` versions behind), then the replicas serve version `s`. However the run ends,
     RUN_DIR/summary.json says how, with the accounting of every rollout the run started."""
-    refuse_undriven(cfg, "train")
+    refuse_in_train(cfg)
     plan = resume_plan(resume) if resume else None  # a wrong folder fails before Ray starts
     files = sft_files(cfg)  # `sft.source: files`: read and selected before Ray starts
     init_ray(cfg)
@@ -107,9 +110,11 @@ def run(
     learners: LearnerGroup,
     log: RunLog,
     files: SftFiles | None = None,
+    release: CanaryRelease | None = None,
 ) -> None:
     """The run under the watchdog: restore or validate, then the steps (of the rollout stream, or with `files`
-    of SFT's files); RUN_DIR/summary.json however it ends."""
+    of SFT's files); RUN_DIR/summary.json however it ends. `release` replaces the weight sync to every replica
+    (`serve --learn` with `inference.canary`)."""
     watchdog = Watchdog(run_dir, cfg.trainer.stall_timeout_s, progress_probes(workers, [pool, val_pool]))
     stream, end = None, {"status": "stopped", "cause": None, "steps_done": 0}
     print(f"run directory: {run_dir}")
@@ -129,7 +134,7 @@ def run(
                 ledger = Ledger(run_dir / "ledger.jsonl", keep_before_version=start if plan else None)
                 stream = RolloutStream(cfg, pool, workers, ledger, version=start)
                 stream.resume(saved)
-                run_steps(cfg, start, run_dir, stream, learners, inference, val_pool, log, watchdog)
+                run_steps(cfg, start, run_dir, stream, learners, inference, val_pool, log, watchdog, release)
             end.update(status="completed", steps_done=cfg.trainer.steps)
     except BaseException as e:
         end["cause"] = first_line(e)
@@ -152,13 +157,15 @@ def run_steps(
     val_pool: Any,
     log: RunLog,
     watchdog: Watchdog,
+    release: CanaryRelease | None = None,
 ) -> None:
     """Steps `start + 1` .. `trainer.steps`, then the stream's close (after the last checkpoint: a resumed run
-    trains what the close drops as run_ended)."""
+    trains what the close drops as run_ended). `version` is the policy version the learners hold: the step's
+    number once every replica serves it, the last promoted one under a canary (`release`)."""
     clock = BusyClock(inference, lambda: stream.workers.handles)
     version = start
     for step in range(start + 1, cfg.trainer.steps + 1):
-        version, t0 = step - 1, time.perf_counter()
+        t0 = time.perf_counter()
         batch = next_batch(stream, version, step)
         record_batch_metrics(batch.summary, run=cfg.trainer.name)
         # how each rollout ended, and every call the step used up (the ledger says which trained), before
@@ -178,11 +185,16 @@ def run_steps(
             metrics.update(learner_metrics(learned, cfg.algorithm))
         watchdog.beat()
         t2 = time.perf_counter()
-        synced = sync_weights(learners, inference, step, cfg)
+        if release is None:
+            synced, held = sync_weights(learners, inference, step, cfg), step
+        else:
+            synced, held = release(step, stream, watchdog.beat)
+            metrics.update(release.metrics())
         watchdog.beat()
         if step < cfg.trainer.steps:
             stream.top_up(step)  # groups start on the new weights at once
         stream.ledger.trained(batch.records, version)
+        version = held
         t3 = time.perf_counter()
         metrics.update({"time/rollout_s": t1 - t0, "time/learner_s": t2 - t1, "time/broadcast_s": t3 - t2})
         metrics.update(sync_metrics(synced))
@@ -199,7 +211,7 @@ def run_steps(
         metrics["time/step_s"] = time.perf_counter() - t0  # the checkpoint below not included
         metrics.update(busy_metrics(clock, metrics))
         end_step(cfg, step, metrics, log, watchdog, lambda s: save(run_dir, s, learners, stream.pool, stream))
-    stream.close(version + 1)
+    stream.close(version)
 
 
 def end_step(

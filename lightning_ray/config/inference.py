@@ -118,7 +118,7 @@ class InferenceConfig(Section):
         None,
         description="Unset (the default): every weight update reaches every replica. Set (`canary: {}` for the "
         "defaults): new weights go to a canary share of the replicas first and are promoted or rolled back "
-        "on their live reward (lightning_ray/inference/canary.py); needs at least 2 replicas.",
+        "on their live reward (`serve --learn` only: lightning_ray/live/promotion.py); needs at least 2 replicas.",
     )
     seed: int = 0
     sampling: SamplingConfig = SamplingConfig()

@@ -1,7 +1,8 @@
 """Safe promotion of new weights (`inference.canary`): a new policy version goes to a canary share of the
 replicas first, and reaches the others only if its reward on live traffic holds up.
 
-One candidate at a time, driven by the process that owns the inference app (the driver):
+One candidate at a time, driven by the process that owns the inference app (the driver; in `serve --learn`
+through `lightning_ray.live.promotion`):
 
 1. `Canary.begin(state, version)`: ceil(share x replicas) replicas (at least one, never all) load the
    candidate, a ref of an HF-named state dict (from the learners: `sync_context(...).send("object_store", {})`).
@@ -111,13 +112,13 @@ def judge(
     )
 
 
-def refuse_undriven(cfg: Config, command: str) -> None:
-    """`train` and `serve --learn` send each update to every replica and do not drive a canary yet: a config
-    asking for one is refused rather than silently ignored."""
+def refuse_in_train(cfg: Config) -> None:
+    """A canary is judged on live rewards, which `train` does not have (its rewards come from its own rollouts,
+    on the same replicas): a config asking for one there is refused rather than silently ignored."""
     if cfg.inference.canary is not None:
         raise ConfigError(
-            f"inference.canary: `lightning-ray {command}` does not drive a canary yet (each weight update reaches "
-            "every replica); unset it, or drive lightning_ray.inference.canary.Canary from your own code"
+            "inference.canary: `lightning-ray train` has no live traffic to judge a candidate by (each update "
+            "reaches every replica); unset it, or use `lightning-ray serve CONFIG --learn`"
         )
 
 

@@ -3,11 +3,14 @@
 The same GRPO loop as `lightning-ray train` (`lightning_ray.loop.run`: the rollout stream, the learner step,
 weight sync to the replicas, checkpoints, metrics.jsonl, summary.json and the ledger), over a live pool
 (`lightning_ray.live.pool`) that the live gateway fills from traffic instead of a dataset, with no rollout
-workers: the gateway is the pool's only runner. It runs `trainer.steps` steps, or until Ctrl-C.
+workers: the gateway is the pool's only runner. It runs `trainer.steps` steps, or until Ctrl-C. With
+`inference.canary`, each step's weights go to the canary replicas first and the loop waits for the verdict
+(`lightning_ray.live.promotion`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,9 +18,9 @@ from typing import Any
 from lightning_ray.config import Config, ConfigError
 from lightning_ray.gateway.server import Gateway, start_gateway_thread
 from lightning_ray.gateway.standalone import print_learning
-from lightning_ray.inference.canary import refuse_undriven
 from lightning_ray.live.desk import LiveDesk
 from lightning_ray.live.pool import create_live_pool
+from lightning_ray.live.promotion import CanaryRelease
 from lightning_ray.live.routes import live_routes
 from lightning_ray.live.scorer import load_scorer
 
@@ -51,7 +54,6 @@ class GatewayOnly:
 
 def live_config(cfg: Config) -> Config:
     """The run's config: groups of `live.group_size`; refused when grouped rollouts could never be rewarded."""
-    refuse_undriven(cfg, "serve --learn")
     if cfg.algorithm.name != "grpo":
         raise ConfigError(f"algorithm.name: {cfg.algorithm.name}; serve --learn trains grpo")
     if cfg.live.group_fraction > 0 and not cfg.live.has_scorer:
@@ -87,7 +89,11 @@ def learn(cfg: Config, ready: Callable[[Gateway], None] = print_learning) -> lis
         routes = live_routes(desk, cfg.gateway.max_request_bytes)
         gateway = start_gateway_thread(cfg, handle=inference, manage_rollouts=True, add_routes=routes)
         ready(gateway)
-        run(cfg, None, run_dir, inference, pool, GatewayOnly(), None, learners, log)  # type: ignore[arg-type]
+        with contextlib.ExitStack() as stack:
+            release = None
+            if cfg.inference.canary is not None:
+                release = stack.enter_context(CanaryRelease(cfg, learners, inference, run_dir))
+            run(cfg, None, run_dir, inference, pool, GatewayOnly(), None, learners, log, release=release)  # type: ignore[arg-type]
     finally:
         if gateway is not None:
             gateway.stop_sync()

@@ -11,7 +11,9 @@ plus `trainer.over_provision` of B, plus replacements), so a group rarely waits 
 K = 0 is the synchronous loop, exactly: B groups start when the replicas serve `v`, the step waits for all of
 them, trains on those with a learning signal (zero-variance groups drop out, as they always did) and the next
 B start only on the new weights. With K >= 1 a step takes the first B usable groups: a group dropped (zero
-variance, stale, every rollout failed) is replaced by a new one, so the step never trains on less.
+variance, stale, every rollout failed) is replaced by a new one, so the step never trains on less. Under a
+canary (`serve --learn`, `lightning_ray.live.promotion`) `v` is the last promoted version, and a group with a
+token from a version the canary rolled back is dropped (`rolled_back`).
 
 Every rollout the stream started ends in exactly one entry of the ledger: `trained`, `dropped` with a reason,
 or `failed` with its kind (`lightning_ray.rollouts.ledger`).
@@ -59,10 +61,10 @@ class Group:
     transitions: pa.Table
     rollouts: pa.Table
 
-    def oldest_version(self, train_agents: list[str] | None) -> int | None:
-        """The oldest policy version behind any trained call (None when there is none)."""
+    def versions(self, train_agents: list[str] | None) -> set[int]:
+        """The policy versions behind its trained calls."""
         trained = select_trained_calls(self.transitions, train_agents)
-        return pc.min(trained["policy_version"]).as_py() if trained.num_rows else None
+        return set(pc.unique(trained["policy_version"]).to_pylist())
 
     def has_signal(self) -> bool:
         """Whether its rollout values differ (a zero-variance group teaches a group-relative estimator nothing)."""
@@ -116,6 +118,7 @@ class RolloutStream:
         self.ready: deque[Group] = deque()  # complete groups not trained yet (taken from the pool)
         self.requeue: list[str] = []  # task ids of groups to run again (`trainer.stale_groups: requeue`)
         self.resumed: dict[str, Group] = {}  # the saved rollouts of groups a resume completes, by group id
+        self.rejected: set[int] = set()  # versions a canary rolled back (`lightning_ray.live.promotion`)
 
     # ------------------------------------------------------------------ admission
 
@@ -200,8 +203,10 @@ class RolloutStream:
         return get(ref, f"task pool {what}", self.cfg.trainer.stall_timeout_s, lost=TaskPoolLost)
 
     def drop_reason(self, group: Group, version: int) -> str | None:
-        oldest = group.oldest_version(self.cfg.rollout.train_agents)
-        if oldest is not None and oldest < version - self.max_staleness:
+        versions = group.versions(self.cfg.rollout.train_agents)
+        if versions & self.rejected:
+            return "rolled_back"
+        if versions and min(versions) < version - self.max_staleness:
             return "stale"
         if not any(r.status == "succeeded" for r in group.records):
             return "all_failed"
