@@ -46,6 +46,7 @@ from lightning_ray.rollouts.ledger import Ledger, accounting, accounting_line
 from lightning_ray.rollouts.stack import start_rollout_stack, stop_rollout_stack
 from lightning_ray.rollouts.stream import RolloutStream, SavedStream, load_stream
 from lightning_ray.rollouts.supervisor import RolloutWorkers
+from lightning_ray.run_files import replace_file
 from lightning_ray.runners.host import start_runner_gateway
 from lightning_ray.runtime import init_ray, run_directory
 from lightning_ray.scale import write_run_address
@@ -255,7 +256,8 @@ def progress_probes(workers: RolloutWorkers, pools: list[Any]) -> dict[str, Call
 def write_summary(
     run_dir: Path, end: dict[str, Any], stream: RolloutStream | None, pool: Any, workers: RolloutWorkers
 ) -> None:
-    """RUN_DIR/summary.json: how the run ended and where every rollout it started went, also printed."""
+    """RUN_DIR/summary.json: how the run ended and where every rollout it started went, also printed. A full
+    disk is `RunFileWriteError`, whose message still says how the run ended."""
     summary: dict[str, Any] = {**end, "worker_restarts": workers.restarts, "worker_deaths": workers.deaths}
     summary["workers_added"], summary["workers_retired"] = workers.added, workers.retired
     checkpoint = latest_checkpoint(run_dir)
@@ -278,7 +280,9 @@ def write_summary(
     if end["status"] != "completed":
         where = f"--resume {run_dir} continues from {checkpoint.name}" if checkpoint else "no checkpoint yet"
         print(f"run stopped: {end['cause']}; {where}", flush=True)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    text = json.dumps(summary, indent=2, default=str) + "\n"
+    ended = f" of a run that {end['status']}" + (f" ({end['cause']})" if end["cause"] else "")
+    replace_file(run_dir / "summary.json", lambda tmp: tmp.write_text(text), f"writing the summary{ended}")
 
 
 def next_batch(stream: RolloutStream, version: int, step: int) -> Batch:

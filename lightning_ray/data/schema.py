@@ -27,6 +27,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from lightning_ray.run_files import replace_file
+
 
 @dataclass
 class Transition:
@@ -214,10 +216,8 @@ def list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_parquet(table: pa.Table, run_dir: str | Path, name: str) -> Path:
-    """Persist a table under run_dir/trajectories/NAME.parquet (atomic rename, so a crash leaves no half file)."""
+    """Persist a table under run_dir/trajectories/NAME.parquet (atomic rename, so a crash leaves no half file;
+    a full disk is `RunFileWriteError`)."""
     out = Path(run_dir) / "trajectories" / f"{name}.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    tmp.rename(out)
-    return out
+    return replace_file(out, lambda tmp: pq.write_table(table, tmp), f"writing {table.num_rows} rows")

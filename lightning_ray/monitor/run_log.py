@@ -11,20 +11,18 @@ step up to the checkpoint it resumes from (later steps are trained again, and lo
 from __future__ import annotations
 
 import base64
-import errno
 import html
 import io
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from lightning_ray.checkpoints import resume_plan
 from lightning_ray.config import Config, public_dump
-from lightning_ray.faults import RunFault
 from lightning_ray.monitor.wandb_table import trajectory_table
+from lightning_ray.run_files import append_bytes, replace_file
 
 CURVES = [
     ("rollout/reward_mean", "train reward (mean)"),
@@ -33,17 +31,6 @@ CURVES = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class MetricsWriteError(RunFault):
-    """metrics.jsonl could not be written (disk full, ...); the file is left without a partial row."""
-
-    def __init__(self, path: str | Path, detail: str):
-        super().__init__(f"could not write {path}: {detail}")
-        self.path, self.detail = str(path), detail
-
-    def __reduce__(self) -> tuple[type, tuple[str, str]]:
-        return type(self), (self.path, self.detail)
 
 
 class RunLog:
@@ -94,23 +81,9 @@ def _plain(value: Any) -> Any:
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
-    """Append one row with a single write, flushed to disk; on failure the file is cut back to where it was
-    and `MetricsWriteError` names the row, its size and the OS error."""
-    data = (json.dumps(row) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        end = os.fstat(fd).st_size
-        try:
-            if os.write(fd, data) != len(data):  # a short write: the disk filled up mid-row
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-            os.fsync(fd)
-        except OSError as e:
-            os.ftruncate(fd, end)
-            raise MetricsWriteError(
-                path, f"appending the row of step {row['step']} ({len(data)} bytes): {e}"
-            ) from e
-    finally:
-        os.close(fd)
+    """Append one row with a single write, flushed to disk; on failure the file is cut back to where it was and
+    `RunFileWriteError` names the row, its size and the OS error (`run_files.append_bytes`)."""
+    append_bytes(path, (json.dumps(row) + "\n").encode(), f"appending the row of step {row['step']}")
 
 
 def read_json_lines(path: Path) -> list[dict[str, Any]]:
@@ -149,16 +122,8 @@ def resume_metrics(path: Path, step: int) -> list[dict[str, Any]]:
             rows[-1]["step"],
             step,
         )
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with tmp.open("w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise MetricsWriteError(path, f"rewriting {len(kept)} rows for the resume: {e}") from e
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    replace_file(path, lambda tmp: tmp.write_text(text), f"rewriting {len(kept)} rows for the resume")
     return kept
 
 

@@ -2,7 +2,8 @@
 
 One JSON line per rollout in `RUN_DIR/ledger.jsonl`, written when its end is known; a rollout is entered once,
 whatever is reported after. `--resume` keeps the lines of the steps the checkpoint covers and forgets the rest
-(those steps run again), so the file always describes the run that the checkpoints continue.
+(those steps run again), so the file always describes the run that the checkpoints continue. The entries of
+one call are appended with one write; a full disk is `RunFileWriteError` and leaves the file as it was.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_ray.monitor.run_log import read_json_lines
+from lightning_ray.run_files import append_bytes, replace_file
 
 OUTCOMES = ("trained", "dropped", "failed")
 
@@ -26,7 +28,8 @@ class Ledger:
         self.totals: Counter[str] = Counter()  # since this process opened the ledger
         entries = read_json_lines(path) if keep_before_version is not None and path.exists() else []
         kept = [e for e in entries if e["version"] < keep_before_version]
-        path.write_text("".join(json.dumps(e) + "\n" for e in kept))
+        text = "".join(json.dumps(e) + "\n" for e in kept)
+        replace_file(path, lambda tmp: tmp.write_text(text), f"rewriting {len(kept)} entries for the resume")
         self.entered.update(e["rollout_id"] for e in kept)
         self.kept = len(kept)
 
@@ -42,17 +45,14 @@ class Ledger:
     def _enter(
         self, records: Iterable[Any], outcome: str, reason: str | None, version: int, unstarted: bool = False
     ) -> None:
-        lines = []
+        entries: dict[str, dict[str, Any]] = {}  # by rollout id: a rollout listed twice is entered once
         for r in records:
-            if r.rollout_id in self.entered:
+            if r.rollout_id in self.entered or r.rollout_id in entries:
                 continue
-            self.entered.add(r.rollout_id)
             kept = r.status == "succeeded" or (unstarted and r.status == "abandoned" and r.attempts == 0)
             end = outcome if kept else "failed"
             why = reason if end != "failed" else (r.kind or r.status)
-            self.counts[f"{end}/{why}" if why else end] += 1
-            self.totals[f"{end}/{why}" if why else end] += 1
-            entry = {
+            entries[r.rollout_id] = {
                 "rollout_id": r.rollout_id,
                 "group_id": r.group_id,
                 "task_id": r.task_id,
@@ -61,9 +61,15 @@ class Ledger:
                 "version": version,
                 "attempts": r.attempts,
             }
-            lines.append(json.dumps(entry) + "\n")
-        with self.path.open("a") as f:
-            f.writelines(lines)
+        if not entries:
+            return
+        data = "".join(json.dumps(e) + "\n" for e in entries.values()).encode()
+        append_bytes(self.path, data, f"appending {len(entries)} rollouts")  # entered only once written
+        for e in entries.values():
+            self.entered.add(e["rollout_id"])
+            key = f"{e['outcome']}/{e['reason']}" if e["reason"] else e["outcome"]
+            self.counts[key] += 1
+            self.totals[key] += 1
 
     def take_counts(self) -> dict[str, int]:
         """Rollouts entered since the last call, by `outcome` or `outcome/reason`."""

@@ -12,6 +12,7 @@ from lightning_ray.data.schema import write_parquet
 from lightning_ray.monitor.metrics import record_batch_metrics
 from lightning_ray.rollouts.collect import collect_batch
 from lightning_ray.rollouts.stack import start_rollout_stack, stop_rollout_stack
+from lightning_ray.run_files import replace_file
 from lightning_ray.runtime import init_ray, run_directory
 
 
@@ -35,7 +36,8 @@ def run_rollout(cfg: Config, limit: int | None = None, split: str = "train") -> 
         "rollouts_per_s": round(batch.summary.num_rollouts / batch.seconds, 3),
         "run_dir": str(run_dir),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    text = json.dumps(summary, indent=2, default=str) + "\n"
+    replace_file(run_dir / "summary.json", lambda tmp: tmp.write_text(text), "writing the summary")
     s = batch.summary
     reward = "n/a" if s.reward_mean is None else f"{s.reward_mean:.3f} ± {s.reward_std:.3f}"
     print(

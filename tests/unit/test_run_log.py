@@ -10,7 +10,8 @@ import logging
 import pytest
 
 from lightning_ray.config import load_config
-from lightning_ray.monitor.run_log import MetricsWriteError, RunLog, append_row, read_metrics
+from lightning_ray.monitor.run_log import RunLog, append_row, read_metrics
+from lightning_ray.run_files import RunFileWriteError
 from tests.unit.test_checkpoints import fake_checkpoint, fill, run_dir_with_config, small_tmpfs
 
 
@@ -59,7 +60,7 @@ def test_a_full_disk_is_a_named_error_and_leaves_no_half_row(tmp_path):
         before = path.read_bytes()
         fill(disk)
         big = {f"metric/{i}": float(i) for i in range(2000)}  # ~40 KB: more than the page the file has left
-        with pytest.raises(MetricsWriteError) as e:
+        with pytest.raises(RunFileWriteError) as e:
             append_row(path, {"step": 2, **big})
         assert str(e.value).startswith(f"could not write {path}: appending the row of step 2 (")
         assert "No space left on device" in str(e.value)
