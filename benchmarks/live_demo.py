@@ -14,12 +14,14 @@ How it runs:
   it). `lightning-ray serve CONFIG --learn` runs as a subprocess; its output goes to `RUN_DIR/../demo-*.log`,
   its printed gateway URL and run directory are read from it. At the end it is stopped by its pid (SIGINT, as
   Ctrl-C; SIGKILL after 180 s), then the cluster with `ray.shutdown()`.
-- The user (`--users` threads, 4 requests in flight): single-turn. Each request opens a rollout
+- The user (`--users` threads, up to 4 requests in flight): single-turn. Each request opens a rollout
   (`POST /rollouts`) and asks the calc agent's prompt (`examples.calc.prompt.initial_messages`: SYSTEM_RULE, its
   two worked examples, then a question drawn at random from examples/calc/data/train.jsonl) once, with the
   served sampling settings. The reply is scored by `examples.calc.live_scorer.score` (the config's
   `live.scorer` too: the extra samples and the user get the same reward) and the reward is posted
-  (`POST /rollouts/{id}/reward`) after a random 2-8 s, while the thread already asks the next question. The worked
+  (`POST /rollouts/{id}/reward`) after a random 2-8 s, while the thread, after a pause of 4-12 s, asks its next
+  question. The pause keeps the two replicas from taking the learner's CPU: on this 2-core box a user asking
+  without pause kept inference 90% busy and a learner step took 90-140 s instead of seconds. The worked
   examples stay in the prompt: without them SmolLM2-135M almost never uses the tags (examples/calc/prompt.py).
 - Held-out success: the live gateway has no unrecorded OpenAI route (every call there belongs to a live rollout,
   and with `live.group_fraction: 1` every rollout becomes a trained group), so this script runs a plain gateway
@@ -59,6 +61,7 @@ RESULTS = Path(__file__).parent / "results"
 START_TIMEOUT_S = 900.0
 STOP_TIMEOUT_S = 180.0
 REWARD_DELAY_S = (2.0, 8.0)
+THINK_S = (4.0, 12.0)  # a user thread's pause between its questions
 
 
 def post(url: str, body: dict | None = None, method: str = "POST", timeout: float = 300.0) -> dict:
@@ -160,6 +163,7 @@ class User:
         while not self.stop.is_set():
             with self.lock:
                 task, delay = self.random.choice(self.tasks), self.random.uniform(*REWARD_DELAY_S)
+                think = self.random.uniform(*THINK_S)
             try:
                 rollout_id, reply = ask(self.url, task["question"])
             except Exception as e:  # the server is stopping, or failed: counted, and the user goes on
@@ -171,6 +175,7 @@ class User:
             with self.lock:
                 self.timers.append(timer)
             timer.start()
+            self.stop.wait(think)
 
     def _reward(self, rollout_id: str, record: dict[str, Any]) -> None:
         try:
@@ -293,15 +298,17 @@ def plot(result: dict[str, Any], out: Path) -> None:
         alpha=0.6,
         label="user's questions answered right (sampled, per 2 min)",
     )
+    ax.plot([], [], color="C2", lw=1, label="canary promoted")
+    ax.plot([], [], color="C3", lw=1, label="canary rolled back")
     t0 = result["started_unix"]
     for row in result["run"]["canary"]:
         ax.axvline(
             (datetime.fromisoformat(row["time"]).timestamp() - t0) / 60,
-            color="C2" if row.get("action") == "promote" else "C3",
+            color="C2" if row["decision"] == "promote" else "C3",
             alpha=0.3,
             lw=1,
         )
-    ax.set_xlabel("minutes since the user started (canary decisions: green promote, red rollback)")
+    ax.set_xlabel("minutes (held-out: since its first check; user: since it started, just after)")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
@@ -317,7 +324,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--minutes", type=float, default=30.0, help="how long the user asks (default 30)")
     parser.add_argument("--config", default="configs/live_demo.yaml")
-    parser.add_argument("--eval-every", type=float, default=5.0, help="minutes between held-out checks")
+    parser.add_argument("--eval-every", type=float, default=6.0, help="minutes between held-out checks")
     parser.add_argument("--eval-n", type=int, default=50, help="the first N val questions")
     parser.add_argument("--users", type=int, default=4, help="user requests in flight")
     parser.add_argument("--seed", type=int, default=0)

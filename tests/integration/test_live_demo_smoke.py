@@ -24,6 +24,7 @@ def test_live_demo_one_minute_on_the_tiny_model(tiny_model_dir, tmp_path):
         "inference.max_model_len=1024",
         "inference.sampling.max_tokens=16",
         "inference.canary=null",
+        "live.group_fraction=1.0",  # every request a group: a step within the minute
         "algorithm.drop_zero_variance=false",  # a random model earns 0 everywhere: train on it anyway
         "learner.precision=float32",
         f"trainer.run_dir={tmp_path / 'runs'}",
