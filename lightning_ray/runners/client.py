@@ -107,7 +107,11 @@ class RemoteRunner:
         """One leased rollout, run and reported; returns how it ended ("lost": the lease was taken back)."""
         task_url = f"/tasks/{lease['lease_id']}"
         llm = LLM(
-            lease["base_url"], api_key=self.token or "EMPTY", model=settings["model"], **settings["sampling"]
+            lease["base_url"],
+            api_key=self.token or "EMPTY",
+            model=settings["model"],
+            prompts=settings.get("prompts"),
+            **settings["sampling"],
         )
         loop = asyncio.get_running_loop()
         own = contextvars.copy_context()  # outside the rollout: the runner's requests stay out of its logs

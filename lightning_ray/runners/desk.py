@@ -54,6 +54,7 @@ class RunnerDesk:
         self.lease_timeout_s = cfg.rollout.lease_timeout_s
         self.timeout_s = cfg.rollout.timeout_s
         self.sampling = cfg.inference.sampling.model_dump()
+        self.prompts = dict(cfg.prompts)  # the named prompts `llm.prompt(name)` returns
         self.secret = cfg.gateway.token()
         self.runners: set[str] = set()
         self.leases: dict[str, RemoteLease] = {}
@@ -64,6 +65,7 @@ class RunnerDesk:
             "runner_id": runner_id,
             "model": self.model,
             "sampling": self.sampling,
+            "prompts": self.prompts,
             "timeout_s": self.timeout_s,
             "lease_timeout_s": self.lease_timeout_s,
             "heartbeat_s": self.lease_timeout_s / 3,

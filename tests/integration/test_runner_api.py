@@ -29,6 +29,7 @@ def served(inference, tiny_config):
     cfg = tiny_config.model_copy(deep=True)
     cfg.gateway.auth_token = TOKEN
     cfg.rollout.lease_timeout_s = 3.0
+    cfg.prompts = {"system": "Answer in one line."}
     tasks = [Task(f"t{i}", {"id": f"t{i}", "question": f"What is {i} + {i}?"}) for i in range(4)]
     pool = create_task_pool(
         tasks,
@@ -66,6 +67,7 @@ def test_errors_are_4xx_json_naming_the_problem(served):
     assert error(http.post("/runners/runner-x-1/lease", json={}), 404)["code"] == "runner_not_found"
     runner = http.post("/runners", json={"name": "api"}).json()
     assert runner["runner_id"].startswith("runner-api-") and runner["timeout_s"] > 0
+    assert runner["prompts"] == {"system": "Answer in one line."}  # what `llm.prompt("system")` returns there
     lease_url = f"/runners/{runner['runner_id']}/lease"
     assert error(http.post(lease_url, json={"max_n": "two"}), 400)["param"] == "max_n"
     assert error(http.post(lease_url, json={"max_n": 1, "extra": 1}), 400)["param"] == "extra"
