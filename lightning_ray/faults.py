@@ -2,11 +2,14 @@
 
 Every fault below ends the run with its cause in the message; the last complete checkpoint resumes it
 (`lightning-ray train CONFIG --resume RUN_DIR`). The driver never waits without a deadline: `get` bounds each
-wait and turns the death of the actor it waits on into the fault named for that actor.
+wait and turns the death of the actor it waits on into the fault named for that actor; `stall_check` bounds a
+wait loop (a batch of rollouts) by its progress.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 # Start-up (workers' gateways and agent setup, DeepSpeed engines) may take this long whatever the stall window: a
@@ -51,3 +54,28 @@ def get(refs: Any, what: str, timeout_s: float, lost: type[RunFault] | None = No
         if lost is None:
             raise
         raise lost(f"{what}: the actor died ({first_line(e)})") from e
+
+
+def stall_check(what: str, timeout_s: float, read: Callable[[], Any]) -> Callable[[], None]:
+    """A check for a wait loop that has no deadline of its own (a batch that takes as long as it takes): call it
+    on each turn. It reads the progress counters with `read` (at most every `timeout_s / 20`, 0.5-10 s, as the
+    watchdog does) and raises `RunStalled` naming `what` once they stood still for `timeout_s`."""
+    poll_s = min(10.0, max(0.5, timeout_s / 20))
+    seen, moved = read(), time.monotonic()
+    next_read = moved + poll_s
+
+    def check() -> None:
+        nonlocal seen, moved, next_read
+        now = time.monotonic()
+        if now < next_read:
+            return
+        value, next_read = read(), now + poll_s
+        if value != seen:
+            seen, moved = value, now
+        elif now - moved >= timeout_s:
+            raise RunStalled(
+                f"{what}: nothing progressed for {now - moved:.0f} s (trainer.stall_timeout_s={timeout_s:.0f}); "
+                f"it stayed at {value}"
+            )
+
+    return check

@@ -245,12 +245,7 @@ def progress_probes(workers: RolloutWorkers, pools: list[Any]) -> dict[str, Call
         live = [p for p in pools if p is not None]
         return sum(s["final"] for s in ray.get([p.stats.remote() for p in live], timeout=PROBE_TIMEOUT_S))
 
-    def calls() -> int:
-        refs = [w.progress.remote() for w in workers.handles]
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
-        return sum(ray.get(ref)["calls"] for ref in done)
-
-    return {"rollouts ended": ended, "LLM calls": calls}
+    return {"rollouts ended": ended, "LLM calls": workers.llm_calls}
 
 
 def write_summary(

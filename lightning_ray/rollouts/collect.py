@@ -13,7 +13,7 @@ import ray
 from tqdm import tqdm
 
 from lightning_ray.data.schema import GROUP_TABLES, ROLLOUT_SCHEMA, concat_refs
-from lightning_ray.faults import TaskPoolLost, get
+from lightning_ray.faults import TaskPoolLost, get, stall_check
 from lightning_ray.monitor.summary import BatchSummary, summarize_batch
 from lightning_ray.monitor.watchdog import PROBE_TIMEOUT_S
 
@@ -45,7 +45,9 @@ def collect_batch(
 ) -> Batch:
     """Start a batch of `num_tasks` tasks (x group size) on the pool, let every worker drain it, and return it.
 
-    A worker that dies is replaced (`RolloutWorkers.check`) and the pool runs its rollouts again elsewhere.
+    A worker that dies is replaced (`RolloutWorkers.check`) and the pool runs its rollouts again elsewhere. A
+    batch in which nothing progresses (no rollout ends, no LLM call is recorded) for `trainer.stall_timeout_s`
+    ends in `RunStalled`: a frozen worker or an agent that never returns does not hang the caller.
     Tables come back as the object refs the workers reported (`TaskPoolActor.report_group`), concatenated once
     here; each group's tables are the result of all of its rollouts, so they are de-duplicated first.
     """
@@ -58,12 +60,19 @@ def collect_batch(
     batch_id = call(pool.start_batch.remote(num_tasks, group_size), "start_batch")
     total = call(pool.stats.remote(batch_id), "stats")["rollouts"]
     workers.serve(batch_id, pool, sampling)
+
+    def progressed() -> str:
+        final = call(pool.stats.remote(batch_id), "stats")["final"]
+        return f"{final} of {total} rollouts ended, {workers.llm_calls()} LLM calls recorded"
+
+    check_stall = stall_check(f"{desc}: the workers did not finish the batch", timeout, progressed)
     with tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True) as bar:
         while not workers.finished(batch_id, timeout_s=0.5):
             stats = call(pool.stats.remote(batch_id), "stats")
             bar.n = stats["final"]
             bar.set_postfix(ok=stats["succeeded"], failed=stats["final"] - stats["succeeded"], refresh=False)
             bar.refresh()
+            check_stall()
     workers.release(batch_id)  # re-raises a worker's crash that is not its death
     records = call(pool.batch_results.remote(batch_id), "batch_results")
     groups = {

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import ray
-
 from lightning_ray.config import Config
 from lightning_ray.data.schema import write_parquet
+from lightning_ray.faults import TaskPoolLost, get
 from lightning_ray.monitor.metrics import record_batch_metrics
+from lightning_ray.monitor.watchdog import PROBE_TIMEOUT_S
 from lightning_ray.rollouts.collect import collect_batch
 from lightning_ray.rollouts.stack import start_rollout_stack, stop_rollout_stack
 from lightning_ray.run_files import replace_file
@@ -21,7 +21,7 @@ def run_rollout(cfg: Config, limit: int | None = None, split: str = "train") -> 
     run_dir = run_directory(cfg, "rollout")
     _, pool, workers = start_rollout_stack(cfg, split)
     try:
-        num_tasks = limit or ray.get(pool.num_tasks.remote())
+        num_tasks = limit or get(pool.num_tasks.remote(), "task pool", PROBE_TIMEOUT_S, lost=TaskPoolLost)
         batch = collect_batch(pool, workers, num_tasks, desc=f"rollout {split}")
     finally:
         stop_rollout_stack(cfg, workers, [pool])

@@ -26,6 +26,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from lightning_ray.config import Config
 from lightning_ray.faults import TaskPoolLost, WorkersExhausted, first_line, get
+from lightning_ray.monitor.watchdog import PROBE_TIMEOUT_S
 from lightning_ray.names import worker_prefix
 from lightning_ray.rollouts.scaling import Autoscaler
 from lightning_ray.rollouts.worker import HungAgentThreads, start_rollout_workers
@@ -88,6 +89,13 @@ class RolloutWorkers:
         calls = list(self.serving[batch_id].calls.values())
         done, _ = ray.wait(calls, num_returns=len(calls), timeout=0)
         return len(done) == len(calls)
+
+    def llm_calls(self) -> int:
+        """LLM calls the serving workers' gateways recorded, of those that answer within `PROBE_TIMEOUT_S`
+        (`RolloutWorker.progress`, answered on a control thread even while an agent blocks the worker)."""
+        refs = [w.progress.remote() for w in self.handles]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
+        return sum(ray.get(ref)["calls"] for ref in done)
 
     def release(self, batch_id: str) -> dict[int, Any]:
         """Forget a finished batch; returns what each worker's `work` returned."""

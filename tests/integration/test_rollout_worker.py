@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import ray
 
+from lightning_ray.faults import RunStalled
 from lightning_ray.rollouts.collect import collect_batch
 from lightning_ray.rollouts.supervisor import RolloutWorkers
 from lightning_ray.rollouts.worker import start_rollout_workers
@@ -147,3 +149,25 @@ def test_a_worker_serves_a_stream_until_it_is_closed_and_counts_its_busy_time(
         assert all(r.status == "succeeded" for g in (first, again) for r in g["records"])
     finally:
         stop(workers, pool)
+
+
+def test_a_batch_in_which_nothing_progresses_ends_in_run_stalled(inference, tiny_config, tmp_path):
+    """A rollout that never ends (a sync agent stuck before its first call, far inside its rollout timeout) keeps
+    its worker's `work` from returning: the batch ends in `RunStalled` within `trainer.stall_timeout_s` (and a
+    poll), not in a hang of `lightning-ray rollout` or `optimize`."""
+    cfg = config(
+        tiny_config, tmp_path, "tests.fault_agents:never_returns", ["ok"], num_workers=1, timeout_s=900
+    )
+    cfg.algorithm.group_size, cfg.trainer.stall_timeout_s = 1, 3.0
+    pool = task_pool_from_config(cfg, name="pool-stalled")
+    workers = RolloutWorkers(cfg, pool, prefix="stalled")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RunStalled, match="nothing progressed") as err:
+            collect_batch(pool, workers, 1, desc="rollout train", progress=False)
+        assert time.monotonic() - t0 < 15
+    finally:
+        workers.stop()
+        ray.kill(pool)
+    assert "rollout train: the workers did not finish the batch" in str(err.value)
+    assert "0 of 1 rollouts ended, 0 LLM calls recorded" in str(err.value)
