@@ -27,6 +27,14 @@ async def kills_its_worker_once(task: dict, llm: lr.LLM) -> float:
 
 
 @lr.rollout
+async def always_fails(task: dict, llm: lr.LLM) -> float:
+    """A real rollout (one LLM call, a line of output) that then raises: every rollout fails, `agent_exception`."""
+    await varied_agent(task, llm)
+    print(f"about to fail on {task['id']}")
+    raise ValueError(f"always fails: {task['id']}")
+
+
+@lr.rollout
 def never_returns(task: dict, llm: lr.LLM) -> float:
     """A sync agent stuck for good, before its first LLM call: nothing in the run progresses."""
     time.sleep(3600)

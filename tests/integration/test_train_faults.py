@@ -28,6 +28,7 @@ from lightning_ray.learner import LearnerFailed
 from lightning_ray.learner.checkpoint import CHECKPOINT_MARKER
 from lightning_ray.loop import train
 from lightning_ray.monitor.run_log import read_metrics
+from lightning_ray.monitor.summary import FailureRateExceeded
 from lightning_ray.monitor.watchdog import live_actors
 from lightning_ray.names import task_pool
 from lightning_ray.rollouts.ledger import read_ledger
@@ -117,6 +118,32 @@ def test_a_run_where_nothing_progresses_stops_named_with_every_actors_stack(infe
     summary = summary_of(run_dir)
     assert summary["status"] == "stopped" and summary["cause"].startswith("RunStalled")
     assert summary["rollouts"]["not_ended_at_stop"] == cfg.trainer.tasks_per_step * cfg.algorithm.group_size
+
+
+@pytest.mark.slow  # CI time (~100 s): the failure-rate check is tested in CI on a batch alone (test_taskpool.py)
+def test_the_batch_that_trips_the_failure_rate_stop_keeps_its_records(inference, tiny_config, tmp_path):
+    cfg = loop_config(tiny_config, tmp_path, steps=2)
+    cfg.rollout.agent = "tests.fault_agents:always_fails"
+    cfg.rollout.max_failure_rate, cfg.trainer.val_every = 0.25, 0
+
+    with pytest.raises(FailureRateExceeded, match="exceeds rollout.max_failure_rate=25.0%"):
+        train(cfg)
+    run_dir = run_dir_of(tmp_path)
+    rows = pq.read_table(run_dir / "trajectories" / "step-000001-rollouts.parquet").to_pylist()
+    started = cfg.trainer.tasks_per_step * cfg.algorithm.group_size
+    assert len({r["rollout_id"] for r in rows}) == len(rows) == started  # every rollout of the batch, once
+    for r in rows:
+        assert r["status"] == "failed" and r["failure_kind"] == "agent_exception"
+        assert r["error_type"] == "ValueError" and "always fails: " in r["traceback"]
+        assert "raise ValueError" in r["traceback"]  # the whole traceback, with the agent's line
+        assert f"about to fail on {r['task_id']}" in r["logs"]
+    summary = summary_of(run_dir)
+    assert summary["status"] == "stopped" and summary["cause"].startswith("FailureRateExceeded")
+    acc = summary["rollouts"]  # a stopped run names `lost` not_ended_at_stop: none here, all 8 ended
+    assert acc["not_ended_at_stop"] == 0 and acc["started"] == started
+    assert (acc["trained"], acc["dropped"], acc["failed"]) == (0, {}, {"agent_exception": started})
+    ledger = read_ledger(run_dir / "ledger.jsonl")
+    assert sorted(e["rollout_id"] for e in ledger) == sorted(r["rollout_id"] for r in rows)
 
 
 @pytest.mark.slow
