@@ -130,6 +130,8 @@ def cmd_serve(cfg: Config, learn: bool) -> None:
     if learn:
         from lightning_ray.live.run import learn as learn_live
 
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # `live.scorer`'s module, found as the agent's is in `train`
         learn_live(cfg)
         return
     from lightning_ray.gateway.standalone import serve_gateway

@@ -51,6 +51,10 @@ class GatewayOnly:
     def metrics(self) -> dict[str, int]:
         return {"rollout/workers": 0}
 
+    def llm_calls(self) -> int:
+        """None recorded by workers: the watchdog sees live calls as rollouts ending in the live pool."""
+        return 0
+
 
 def live_config(cfg: Config) -> Config:
     """The run's config: groups of `live.group_size`; refused when grouped rollouts could never be rewarded."""
