@@ -184,12 +184,18 @@ class RolloutStream:
                 dropped.append(group)
             if on_group is not None:
                 on_group(len(chosen), reason)
+            if reason is not None and consumed >= self.batch_size and self.failing(ended):
+                break  # K >= 1 would replace failed groups forever: the loop's failure-rate check stops here
         batch = self.as_batch(chosen, time.perf_counter() - t0)
         batch.summary = summarize_batch(ended)
         batch.dropped = pa.concat_tables([g.transitions for g in dropped]) if dropped else None
         used = [g.rollouts for g in chosen + dropped]
         batch.ended = rollout_records(ended, pa.concat_tables(used) if used else _empty("rollouts"))
         return batch
+
+    def failing(self, ended: list[Any]) -> bool:
+        """Whether more than `rollout.max_failure_rate` of the rollouts ended so far failed."""
+        return summarize_batch(ended).failure_rate > self.cfg.rollout.max_failure_rate
 
     def take_complete(self, max_n: int | None, wait_s: float) -> None:
         """Move the pool's complete groups (up to `max_n`, waiting up to `wait_s`) to `ready`."""

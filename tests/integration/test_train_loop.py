@@ -36,7 +36,16 @@ def loop_config(tiny_config, tmp_path, steps: int):
     return cfg
 
 
-def test_train_checkpoint_and_resume(inference, tiny_config, tmp_path):
+def assert_accounted(run_dir: Path, printed: str, started: int) -> None:
+    """The run's end proves nothing was lost: summary.json's accounting and the line printed from it agree."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    acc = summary["rollouts"]
+    assert summary["status"] == "completed" and acc["lost"] == 0 and acc["started"] == started, summary
+    assert acc["started"] == acc["trained"] + sum(acc["dropped"].values()) + sum(acc["failed"].values())
+    assert f"{acc['trained']} trained" in printed and "lost 0" in printed
+
+
+def test_train_checkpoint_and_resume(inference, tiny_config, tmp_path, capsys):
     cfg = loop_config(tiny_config, tmp_path, steps=2)
     cfg.algorithm.drop_zero_variance = False  # the random model may give a step no variance; it must train
     rows = train(cfg)
@@ -49,6 +58,7 @@ def test_train_checkpoint_and_resume(inference, tiny_config, tmp_path):
     assert "val/success_rate" in step2
     calls = pq.read_table(run_dir / "trajectories" / "step-000002.parquet")
     assert calls.num_rows == 8 and set(calls["policy_version"].to_pylist()) == {1}
+    assert_accounted(run_dir, capsys.readouterr().out, started=16)  # 2 steps x 2 groups of 4
 
     ckpt = latest_checkpoint(run_dir)
     assert ckpt.name == "step-000002"
@@ -60,6 +70,7 @@ def test_train_checkpoint_and_resume(inference, tiny_config, tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert rows[3]["rollout/policy_version"] == 2  # resumed weights were broadcast as version 2
     assert latest_checkpoint(run_dir).name == "step-000003"
+    assert_accounted(run_dir, capsys.readouterr().out, started=8)  # the resumed process: step 3's 2 groups
 
 
 @pytest.mark.slow  # CI time: merging is unit-tested (test_merge.py); this is the same loop on merged rows
