@@ -49,13 +49,14 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks.live_demo_plot import plot
 from examples.calc.live_scorer import DATA, score
 from examples.calc.prompt import initial_messages
 from lightning_ray.config import load_config
+from lightning_ray.monitor.run_log import read_json_lines
 
 RESULTS = Path(__file__).parent / "results"
 START_TIMEOUT_S = 900.0
@@ -223,9 +224,7 @@ def held_out(gateway: str, tasks: list[dict], max_tokens: int, t0: float) -> dic
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_json_lines(path) if path.exists() else []
 
 
 STEP_KEYS = (
@@ -274,48 +273,6 @@ def user_curve(records: list[dict[str, Any]], bin_s: float = 120.0) -> list[dict
         }
         for b, v in sorted(bins.items())
     ]
-
-
-def plot(result: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    held = result["held_out"]
-    ax.plot(
-        [p["time_s"] / 60 for p in held],
-        [p["success"] for p in held],
-        marker="o",
-        lw=2,
-        label=f"held-out success (first {held[0]['n']} val questions, greedy)",
-    )
-    user = result["user"]["curve"]
-    ax.plot(
-        [p["time_s"] / 60 for p in user],
-        [p["right"] for p in user],
-        alpha=0.6,
-        label="user's questions answered right (sampled, per 2 min)",
-    )
-    ax.plot([], [], color="C2", lw=1, label="canary promoted")
-    ax.plot([], [], color="C3", lw=1, label="canary rolled back")
-    t0 = result["started_unix"]
-    for row in result["run"]["canary"]:
-        ax.axvline(
-            (datetime.fromisoformat(row["time"]).timestamp() - t0) / 60,
-            color="C2" if row["decision"] == "promote" else "C3",
-            alpha=0.3,
-            lw=1,
-        )
-    ax.set_xlabel("minutes (held-out: since its first check; user: since it started, just after)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
-    ax.set_title(f"serve --learn, {result['model']}: {result['run']['steps_done']} steps")
-    fig.tight_layout()
-    fig.savefig(out, format="png")
-    plt.close(fig)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
