@@ -93,10 +93,12 @@ def learn(cfg: Config, ready: Callable[[Gateway], None] = print_learning) -> lis
         routes = live_routes(desk, cfg.gateway.max_request_bytes)
         gateway = start_gateway_thread(cfg, handle=inference, manage_rollouts=True, add_routes=routes)
         ready(gateway)
-        with contextlib.ExitStack() as stack:
-            release = None
-            if cfg.inference.canary is not None:
-                release = stack.enter_context(CanaryRelease(cfg, learners, inference, run_dir))
+        canary = cfg.inference.canary is not None
+        with (
+            CanaryRelease(cfg, learners, inference, run_dir)
+            if canary
+            else contextlib.nullcontext() as release
+        ):
             run(cfg, None, run_dir, inference, pool, GatewayOnly(), None, learners, log, release=release)  # type: ignore[arg-type]
     finally:
         if gateway is not None:
