@@ -24,6 +24,9 @@ ASYNC_MODES = [
     "block", "exit", "interrupt", "huge_print", "many_prints", *BAD_REWARDS, "leak", "ok", "ok", "late", "late",
 ]  # fmt: skip
 SYNC_MODES = ["hang", "hang", "exit", "ok", "ok", "ok", "ok"]
+# progress() runs on its own thread: an answer held by a stalled agent would wait out the blocker (20 s here) or
+# a hung thread (forever). Answers took up to 2.4 s on a loaded 2-core CI box, so the bound only separates those.
+PROGRESS_ANSWERS_WITHIN_S = 6.0
 
 
 def _run_watching_progress(cfg, name: str, modes: list[str], hung: int, then=lambda worker, pool: None):
@@ -110,7 +113,7 @@ def test_misbehaving_async_agents_fail_alone_and_the_worker_keeps_serving(infere
     assert "line 0 of a chatty agent\n[warning] scripted_agent: log 0\n" in logs["many_prints"]
     assert rss_growth < 100_000_000  # the 200 MB print was not kept
 
-    assert slowest < 2.0  # progress() answered all along, on its own thread
+    assert slowest < PROGRESS_ANSWERS_WITHIN_S  # progress() answered all along, on its own thread
     assert progress["rollouts_finished"] == len(ASYNC_MODES)
     assert progress["calls"] == len(ASYNC_MODES)  # one LLM call each
     assert progress["hung_threads"] == 1  # the blocker, still sleeping; the leaked thread ended after 3 s
@@ -139,7 +142,7 @@ def test_hung_sync_agents_hold_no_slot_and_are_counted(inference, tiny_config, t
     assert exited["failure"]["exc_type"] == "SystemExit" and "agent quit" in exited["failure"]["message"]
     assert all(r["status"] == "succeeded" for r in rows["ok"]) and len(rows["ok"]) == 4
     assert seconds < 30
-    assert slowest < 2.0
+    assert slowest < PROGRESS_ANSWERS_WITHIN_S
     assert progress == {"calls": 4, "rollouts_finished": len(SYNC_MODES), "hung_threads": 2}
     [error] = refused
     assert isinstance(error.cause, HungAgentThreads)
