@@ -172,8 +172,7 @@ def run_steps(
         # how each rollout ended, and every call the step used up (the ledger says which trained), before
         # the failure-rate check can stop the run
         write_parquet(batch.ended, run_dir, f"step-{step:06d}-rollouts")
-        used_up = [t for t in (batch.transitions, batch.dropped) if t is not None]
-        write_parquet(pa.concat_tables(used_up), run_dir, f"step-{step:06d}")
+        write_parquet(batch.calls_used(), run_dir, f"step-{step:06d}")
         check_failure_rate(batch.summary, cfg.rollout.max_failure_rate)
         trained_calls = select_trained_calls(batch.transitions, cfg.rollout.train_agents)
         metrics = {**rollout_metrics(batch), **staleness_metrics(trained_calls, version)}
@@ -306,14 +305,18 @@ def busy_metrics(clock: BusyClock, m: dict[str, Any]) -> dict[str, float]:
 
 
 def rollout_metrics(batch: Batch) -> dict[str, Any]:
+    """What the step's rollouts did: all of them, as `rollout/rollouts` counts them, the groups dropped before
+    training (zero variance, stale) included; `rollout/llm_calls_trained` is the part that trains."""
     s = batch.summary
+    calls = batch.calls_used()
     out = {
         "rollout/success_rate": s.success_rate,
         "rollout/reward_mean": s.reward_mean,
         "rollout/reward_std": s.reward_std,
         "rollout/rollouts": s.num_rollouts,
-        "rollout/llm_calls": batch.transitions.num_rows,
-        "rollout/tokens": pc.sum(pc.list_value_length(batch.transitions["response_ids"])).as_py() or 0,
+        "rollout/llm_calls": calls.num_rows,
+        "rollout/llm_calls_trained": batch.transitions.num_rows,
+        "rollout/tokens": pc.sum(pc.list_value_length(calls["response_ids"])).as_py() or 0,
     }
     out.update({f"rollout/failures/{k}": n for k, n in s.failures_by_kind.items()})
     if batch.transitions.num_rows:

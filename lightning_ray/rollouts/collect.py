@@ -33,6 +33,12 @@ class Batch:
     )
     ended: pa.Table | None = None  # a streamed batch: how each rollout of every group it used up ended
 
+    def calls_used(self) -> pa.Table:
+        """Every call of the groups the batch used up: those it trains on, and those dropped before training."""
+        return (
+            self.transitions if self.dropped is None else pa.concat_tables([self.transitions, self.dropped])
+        )
+
 
 def collect_batch(
     pool: Any,
