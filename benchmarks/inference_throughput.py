@@ -1,6 +1,8 @@
 """Generation throughput of the inference service: N concurrent requests x T tokens on SmolLM2.
 
-    python benchmarks/inference_throughput.py [--requests 32] [--tokens 128] [--eager/--compiled]
+    python benchmarks/inference_throughput.py [--requests 32] [--tokens 128] [--compiled] [--out NAME] [KEY=VALUE ...]
+
+KEY=VALUE are config overrides, e.g. `inference.engine_threads=2 inference.cpu_executor=mp`.
 
 Prints tokens/s through the Ray Serve handle (the path the gateway uses) and writes
 benchmarks/results/inference_throughput.json.
@@ -67,6 +69,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
     parser.add_argument("--compiled", action="store_true", help="torch.compile instead of eager")
+    parser.add_argument("overrides", nargs="*", help="config overrides, KEY=VALUE")
+    parser.add_argument("--out", default="inference_throughput", help="result name under benchmarks/results/")
     args = parser.parse_args()
 
     import ray
@@ -74,6 +78,7 @@ def main() -> None:
     from lightning_ray.config import load_config
     from lightning_ray.inference.server import deploy_inference
     from lightning_ray.models import resolve_model
+    from lightning_ray.precision import resolve_precision
 
     cfg = load_config(
         None,
@@ -81,6 +86,7 @@ def main() -> None:
             f"model.path={args.model}",
             f"inference.enforce_eager={not args.compiled}",
             "inference.kv_cache_gib=2",
+            *args.overrides,
         ],
         check_files=False,
     )
@@ -100,10 +106,15 @@ def main() -> None:
         "tokens_per_s": round(generated / wall, 1),
         "engine_start_s": round(start_s, 1),
         "enforce_eager": not args.compiled,
+        "overrides": args.overrides,
+        "engine_threads": cfg.inference.engine_threads,
+        "cpu_executor": cfg.inference.cpu_executor,
+        "dtype": resolve_precision(cfg.model.dtype),
+        "load_avg_1m_after": round(os.getloadavg()[0], 2),
         "machine": f"{os.cpu_count()} CPU cores",
     }
     print(json.dumps(result, indent=2))
-    out = Path(__file__).parent / "results" / "inference_throughput.json"
+    out = Path(__file__).parent / "results" / f"{args.out}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     ray.shutdown()
 

@@ -109,6 +109,13 @@ class InferenceConfig(Section):
         "found on the replica's node: tcmalloc (Debian's libtcmalloc-minimal4, installed by install.sh) and "
         "Intel OpenMP (the intel-openmp wheel). [] preloads nothing. Measured in lightning_ray/inference/cpu_env.py.",
     )
+    cpu_executor: Literal["uni", "mp"] = Field(
+        "uni",
+        description="Where a CPU engine (tensor_parallel_size 1) runs the model: 'uni' in vLLM's engine-core "
+        "process; 'mp' in a worker process of its own (vLLM's CPU default), whose engine core waits for every "
+        "forward pass by spinning on shared memory, about a core's worth of CPU. Measured in "
+        "benchmarks/inference_throughput.py.",
+    )
     cpu_threads_bind: str = Field(
         "nobind",
         description="VLLM_CPU_OMP_THREADS_BIND of a CPU engine: 'nobind', 'auto' (vLLM picks cores and reserves "

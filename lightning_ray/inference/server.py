@@ -39,12 +39,31 @@ def engine_env(inference: InferenceConfig) -> dict[str, str]:
     quiet = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     if inference.num_gpus_per_replica > 0:
         return quiet
-    return {
+    env = {
         **quiet,
         "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(inference.kv_cache_gib))),
         "VLLM_CPU_OMP_THREADS_BIND": inference.cpu_threads_bind,
         "OMP_NUM_THREADS": str(inference.engine_threads),
     }
+    if _cpu_uni_executor(inference):
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # else vLLM's CPU platform turns "uni" into "mp"
+    return env
+
+
+def _cpu_uni_executor(inference: InferenceConfig) -> bool:
+    """The model runs in vLLM's engine-core process (`inference.cpu_executor: uni`): no worker process, so no
+    engine core spinning on shared memory while the worker computes."""
+    return (
+        inference.num_gpus_per_replica == 0
+        and inference.tensor_parallel_size == 1
+        and inference.cpu_executor == "uni"
+    )
+
+
+def _executor(inference: InferenceConfig) -> str | None:
+    if inference.tensor_parallel_size > 1:
+        return "ray"
+    return "uni" if _cpu_uni_executor(inference) else None
 
 
 class InferenceServer:
@@ -72,7 +91,7 @@ class InferenceServer:
             gpu_memory_utilization=icfg.gpu_memory_utilization,
             enable_prefix_caching=True,
             worker_extension_cls=f"{WeightReceiverExtension.__module__}.{WeightReceiverExtension.__name__}",
-            distributed_executor_backend="ray" if icfg.tensor_parallel_size > 1 else None,
+            distributed_executor_backend=_executor(icfg),
         )
         self.engine = AsyncLLM.from_engine_args(args)
         self.model_dir, self.served_name, self.max_model_len = model_dir, served_name, icfg.max_model_len
