@@ -102,7 +102,12 @@ class InferenceConfig(Section):
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
     enforce_eager: bool = True
-    engine_threads: int = Field(1, gt=0, description="Compute threads of a CPU engine.")
+    engine_threads: int = Field(
+        1,
+        gt=0,
+        description="Compute threads of a CPU engine (its OMP_NUM_THREADS). May exceed num_cpus_per_replica "
+        "where the engine and the learner take turns (a synchronous loop on a small box: configs/quickstart.yaml).",
+    )
     cpu_preload: list[Literal["tcmalloc", "iomp"]] = Field(
         ["tcmalloc", "iomp"],
         description="Libraries a CPU engine's processes preload (LD_PRELOAD), as vLLM's CPU guide advises, when "

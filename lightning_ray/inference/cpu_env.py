@@ -1,7 +1,7 @@
 """What vLLM's CPU guide asks of the engine's processes: tcmalloc and Intel OpenMP in `LD_PRELOAD`.
 
-vLLM on CPU runs its engine core and its worker (where the model computes) in processes it spawns from the Serve
-replica, and they inherit the replica's environment. A library in `LD_PRELOAD` is loaded when a process starts,
+vLLM on CPU runs its engine core (and, with `inference.cpu_executor: mp`, a worker where the model computes) in
+processes it spawns from the Serve replica, and they inherit the replica's environment. A library in `LD_PRELOAD` is loaded when a process starts,
 so the replica sets it in its own `os.environ` before it creates the engine: its children start with the
 libraries mapped, and the replica itself (already running) is left as it is. The libraries are looked up on the
 replica's own node, so a path found on the driver's machine is never preloaded on another.
