@@ -11,7 +11,8 @@ calc agent, whose environment step after every model reply sleeps a lognormal ti
 p99 ~10 s), no validation, a checkpoint only after the last step, wandb and the report off,
 `algorithm.drop_zero_variance` off (every group trains in every mode, so every step trains the same number
 of rollouts) and `algorithm.old_logprobs=decoupled` in every mode (required for K >= 1; at K = 0 it costs
-the same as `recompute` and keeps the loss identical across modes). Only `trainer.max_staleness` differs
+the same as `recompute` and keeps the loss identical across modes), one engine thread in every mode (as
+measured before the quickstart gave its engine two). Only `trainer.max_staleness` differs
 (and, for K >= 1, `trainer.over_provision` / `stale_groups`; `inference.on_update` when given).
 
 What is measured, per mode, over the window of steps 2..N-1 (step 1 carries warm-up and fills the pipeline;
@@ -97,6 +98,7 @@ def overrides(args: argparse.Namespace, k: int, run_root: Path) -> list[str]:
         f"inference.sampling.max_tokens={args.max_tokens}",
         "logging.wandb=false",
         "logging.report=false",
+        "inference.engine_threads=1",  # every mode alike; with K >= 1 the learner computes beside the engine
     ]
     if k:
         out += [f"trainer.over_provision={args.over_provision}", f"trainer.stale_groups={args.stale_groups}"]

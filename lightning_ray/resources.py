@@ -48,6 +48,33 @@ def check_resources(cfg: Config, resources: dict[str, float]) -> None:
         )
 
 
+def oversubscription(cfg: Config, cores: int) -> str | None:
+    """A warning when the CPU compute threads that run at the same time outnumber the cores of a local
+    cluster: every CPU engine's `inference.engine_threads` while agents run, and with `trainer.max_staleness`
+    >= 1 the learner's `torch_threads` on top (it trains while they generate). OpenMP threads that outnumber
+    the cores wait on each other at every barrier, so both sides slow down. None when they fit."""
+    inf, lrn, k = cfg.inference, cfg.learner, cfg.trainer.max_staleness
+    engines = (
+        inf.starting_replicas() * (2 if cfg.rollout.frozen_agents else 1)
+        if inf.num_gpus_per_replica == 0
+        else 0
+    )
+    learner = lrn.num_workers * lrn.torch_threads if lrn.num_gpus_per_worker == 0 and k >= 1 else 0
+    threads = engines * inf.engine_threads + learner
+    if threads <= cores:
+        return None
+    parts = [f"{engines} CPU engine(s) x inference.engine_threads {inf.engine_threads}"]
+    if learner:
+        parts.append(
+            f"{lrn.num_workers} learner rank(s) x learner.torch_threads {lrn.torch_threads}, training while "
+            f"they generate (trainer.max_staleness {k})"
+        )
+    return (
+        f"{threads} compute threads at once on {cores} cores ({' + '.join(parts)}): threads that outnumber the "
+        "cores slow each other down; lower inference.engine_threads"
+    )
+
+
 class PlacementError(ConfigError):
     """A role whose `placement` no node of the cluster satisfies (or not for all of its actors)."""
 

@@ -12,7 +12,7 @@ import yaml
 
 from lightning_ray.config import Config, public_dump
 from lightning_ray.names import assign_run_id
-from lightning_ray.resources import check_placement, check_resources
+from lightning_ray.resources import check_placement, check_resources, oversubscription
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ def init_ray(cfg: Config) -> dict[str, float]:
                 _node_ip_address="127.0.0.1",
                 runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}},
             )
+            _warn_oversubscription(cfg)
     resources = ray.cluster_resources()
     check_resources(cfg, resources)
     check_placement(cfg, ray.nodes())
@@ -57,6 +58,13 @@ def check_local(cfg: Config) -> None:
     resources = local_resources(cfg)
     check_resources(cfg, resources)
     check_placement(cfg, [{"NodeID": "local", "NodeManagerAddress": "this machine", "Resources": resources}])
+    _warn_oversubscription(cfg)
+
+
+def _warn_oversubscription(cfg: Config) -> None:
+    """A local cluster runs on this machine's cores (`resources.oversubscription`)."""
+    if warning := oversubscription(cfg, os.cpu_count() or 1):
+        log.warning("warning: %s", warning)
 
 
 def _pythonpath() -> str:

@@ -118,8 +118,8 @@ class InferenceConfig(Section):
         "uni",
         description="Where a CPU engine (tensor_parallel_size 1) runs the model: 'uni' in vLLM's engine-core "
         "process; 'mp' in a worker process of its own (vLLM's CPU default), whose engine core waits for every "
-        "forward pass by spinning on shared memory, about a core's worth of CPU. Measured in "
-        "benchmarks/inference_throughput.py.",
+        "forward pass by spinning on shared memory, about a core's worth of CPU. Measured: "
+        "benchmarks/results/inference_executor.json.",
     )
     cpu_threads_bind: str = Field(
         "nobind",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lightning_ray.config import ConfigError, load_config
-from lightning_ray.resources import check_resources
+from lightning_ray.resources import check_resources, oversubscription
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -113,6 +113,36 @@ def test_frozen_snapshot_counts_as_a_second_deployment():
     frozen = [*sizes, "rollout.train_agents=[solver]", "rollout.frozen_agents=[checker]"]
     with pytest.raises(ConfigError, match="ask for 6 CPUs, the cluster has 4"):
         check_resources(load_config(None, frozen, check_files=False), {"CPU": 4})
+
+
+def test_compute_threads_beyond_the_cores_warn_naming_the_fields():
+    quickstart = REPO / "configs" / "quickstart.yaml"
+    assert oversubscription(load_config(quickstart, check_files=False), cores=2) is None  # synchronous: turns
+    overlapped = load_config(
+        quickstart, ["trainer.max_staleness=1", "algorithm.old_logprobs=decoupled"], check_files=False
+    )
+    warning = oversubscription(overlapped, cores=2)
+    assert warning.startswith("4 compute threads at once on 2 cores")
+    assert "inference.engine_threads 2" in warning and "learner.torch_threads 2" in warning
+    assert oversubscription(overlapped, cores=4) is None
+    two_engines = [
+        "rollout.train_agents=[solver]",
+        "rollout.frozen_agents=[checker]",
+        "inference.engine_threads=2",
+    ]
+    assert "2 CPU engine(s)" in oversubscription(load_config(None, two_engines, check_files=False), cores=2)
+    on_gpus = ["inference.num_gpus_per_replica=1", "learner.num_gpus_per_worker=1", *two_engines[:2]]
+    assert (
+        oversubscription(
+            load_config(
+                None,
+                [*on_gpus, "trainer.max_staleness=1", "algorithm.old_logprobs=decoupled"],
+                check_files=False,
+            ),
+            cores=1,
+        )
+        is None
+    )
 
 
 def test_tensor_parallel_needs_gpus(tmp_path):
