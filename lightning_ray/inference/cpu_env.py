@@ -1,4 +1,5 @@
-"""What vLLM's CPU guide asks of the engine's processes: tcmalloc and Intel OpenMP in `LD_PRELOAD`.
+"""What vLLM asks of a replica's processes: the environment it reads at start-up (`engine_env`: on CPU the KV
+cache, OpenMP threads, executor) and, on CPU, tcmalloc and Intel OpenMP in `LD_PRELOAD`.
 
 vLLM on CPU runs its engine core (and, with `inference.cpu_executor: mp`, a worker where the model computes) in
 processes it spawns from the Serve replica, and they inherit the replica's environment. A library in `LD_PRELOAD` is loaded when a process starts,
@@ -30,6 +31,8 @@ import sysconfig
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from lightning_ray.config import InferenceConfig
 
 # The names vLLM's CPU worker looks for in LD_PRELOAD (vllm/v1/worker/cpu_worker.py).
 TCMALLOC = "tcmalloc"
@@ -176,3 +179,36 @@ def preload_report(pid: int | None = None) -> list[dict[str, Any]]:
             continue
         report.append({"pid": p, "name": name, "libs": libs, "cpus": cpus})
     return report
+
+
+def engine_env(inference: InferenceConfig) -> dict[str, str]:
+    """Environment of a replica process; vLLM reads it at import, so it must be set before the actor starts."""
+    quiet = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+    if inference.num_gpus_per_replica > 0:
+        return quiet
+    env = {
+        **quiet,
+        "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(inference.kv_cache_gib))),
+        "VLLM_CPU_OMP_THREADS_BIND": inference.cpu_threads_bind,
+        "OMP_NUM_THREADS": str(inference.engine_threads),
+    }
+    if _cpu_uni_executor(inference):
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # else vLLM's CPU platform turns "uni" into "mp"
+    return env
+
+
+def _cpu_uni_executor(inference: InferenceConfig) -> bool:
+    """The model runs in vLLM's engine-core process (`inference.cpu_executor: uni`): no worker process, so no
+    engine core spinning on shared memory while the worker computes."""
+    return (
+        inference.num_gpus_per_replica == 0
+        and inference.tensor_parallel_size == 1
+        and inference.cpu_executor == "uni"
+    )
+
+
+def executor_backend(inference: InferenceConfig) -> str | None:
+    """vLLM's `distributed_executor_backend` for this config (None: vLLM's default)."""
+    if inference.tensor_parallel_size > 1:
+        return "ray"
+    return "uni" if _cpu_uni_executor(inference) else None

@@ -20,7 +20,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from lightning_ray.config import InferenceConfig, ModelConfig
-from lightning_ray.inference.cpu_env import apply_cpu_preload, preload_report
+from lightning_ray.inference.cpu_env import apply_cpu_preload, engine_env, executor_backend, preload_report
 from lightning_ray.inference.sampling import sampling_params
 from lightning_ray.monitor.busy import BusyTime
 from lightning_ray.precision import resolve_precision
@@ -32,38 +32,6 @@ APP_NAME = "lightning-ray-inference"
 FROZEN_APP_NAME = "lightning-ray-inference-frozen"
 DEPLOYMENT_NAME = "InferenceServer"
 STICKY_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
-
-
-def engine_env(inference: InferenceConfig) -> dict[str, str]:
-    """Environment of a replica process; vLLM reads it at import, so it must be set before the actor starts."""
-    quiet = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
-    if inference.num_gpus_per_replica > 0:
-        return quiet
-    env = {
-        **quiet,
-        "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(inference.kv_cache_gib))),
-        "VLLM_CPU_OMP_THREADS_BIND": inference.cpu_threads_bind,
-        "OMP_NUM_THREADS": str(inference.engine_threads),
-    }
-    if _cpu_uni_executor(inference):
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # else vLLM's CPU platform turns "uni" into "mp"
-    return env
-
-
-def _cpu_uni_executor(inference: InferenceConfig) -> bool:
-    """The model runs in vLLM's engine-core process (`inference.cpu_executor: uni`): no worker process, so no
-    engine core spinning on shared memory while the worker computes."""
-    return (
-        inference.num_gpus_per_replica == 0
-        and inference.tensor_parallel_size == 1
-        and inference.cpu_executor == "uni"
-    )
-
-
-def _executor(inference: InferenceConfig) -> str | None:
-    if inference.tensor_parallel_size > 1:
-        return "ray"
-    return "uni" if _cpu_uni_executor(inference) else None
 
 
 class InferenceServer:
@@ -91,7 +59,7 @@ class InferenceServer:
             gpu_memory_utilization=icfg.gpu_memory_utilization,
             enable_prefix_caching=True,
             worker_extension_cls=f"{WeightReceiverExtension.__module__}.{WeightReceiverExtension.__name__}",
-            distributed_executor_backend=_executor(icfg),
+            distributed_executor_backend=executor_backend(icfg),
         )
         self.engine = AsyncLLM.from_engine_args(args)
         self.model_dir, self.served_name, self.max_model_len = model_dir, served_name, icfg.max_model_len

@@ -12,12 +12,12 @@ from lightning_ray.inference.cpu_env import (
     PRELOADS,
     compose_ld_preload,
     cpu_preload_env,
+    engine_env,
     find_iomp,
     find_tcmalloc,
     preload_libs,
     preload_report,
 )
-from lightning_ray.inference.server import engine_env
 
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 IOMP = Path("/env/lib/libiomp5.so")
