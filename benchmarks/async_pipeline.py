@@ -11,9 +11,10 @@ calc agent, whose environment step after every model reply sleeps a lognormal ti
 p99 ~10 s), no validation, a checkpoint only after the last step, wandb and the report off,
 `algorithm.drop_zero_variance` off (every group trains in every mode, so every step trains the same number
 of rollouts) and `algorithm.old_logprobs=decoupled` in every mode (required for K >= 1; at K = 0 it costs
-the same as `recompute` and keeps the loss identical across modes), one engine thread in every mode (as
-measured before the quickstart gave its engine two). Only `trainer.max_staleness` differs
-(and, for K >= 1, `trainer.over_provision` / `stale_groups`; `inference.on_update` when given).
+the same as `recompute` and keeps the loss identical across modes). Only `trainer.max_staleness` differs
+(and, for K >= 1, `trainer.over_provision` / `stale_groups`; `inference.on_update` when given); the
+quickstart's `auto` thread counts follow from it (K = 0: the engine and the learner each get every core in
+turn; K >= 1: they share them), and the result records each mode's.
 
 What is measured, per mode, over the window of steps 2..N-1 (step 1 carries warm-up and fills the pipeline;
 step N saves the final checkpoint; with N < 4, steps 2..N):
@@ -98,7 +99,6 @@ def overrides(args: argparse.Namespace, k: int, run_root: Path) -> list[str]:
         f"inference.sampling.max_tokens={args.max_tokens}",
         "logging.wandb=false",
         "logging.report=false",
-        "inference.engine_threads=1",  # every mode alike; with K >= 1 the learner computes beside the engine
     ]
     if k:
         out += [f"trainer.over_provision={args.over_provision}", f"trainer.stale_groups={args.stale_groups}"]
@@ -107,11 +107,19 @@ def overrides(args: argparse.Namespace, k: int, run_root: Path) -> list[str]:
     return out + list(args.override)
 
 
-def check_configs(args: argparse.Namespace, ks: list[int], run_root: Path, extra: list[str]) -> None:
-    """Every mode's config must load before the first run starts (a typo fails here, not after K = 0)."""
-
+def check_configs(
+    args: argparse.Namespace, ks: list[int], run_root: Path, extra: list[str]
+) -> dict[str, dict[str, int]]:
+    """Every mode's config must load before the first run starts (a typo fails here, not after K = 0); each
+    mode's compute threads as the run will settle them."""
+    threads = {}
     for k in ks:
-        load_config(args.config, [*extra, *overrides(args, k, run_root)], check_files=True)
+        cfg = load_config(args.config, [*extra, *overrides(args, k, run_root)], check_files=True)
+        threads[f"K={k}"] = {
+            "inference.engine_threads": cfg.inference.engine_threads,
+            "learner.torch_threads": cfg.learner.torch_threads,
+        }
+    return threads
 
 
 def latency_of(args: argparse.Namespace) -> ToolLatency:
@@ -282,14 +290,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     extra = smoke_overrides() if args.smoke and not args.dry_run else []
     try:
-        check_configs(args, ks, run_root, extra)
+        threads = check_configs(args, ks, run_root, extra)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
         for k in ks:
             ov = (["<smoke model overrides>"] if args.smoke else []) + overrides(args, k, run_root)
-            print(f"K={k}: lightning-ray train {args.config} {' '.join(map(shlex.quote, ov))}")
+            print(
+                f"K={k} ({threads[f'K={k}']}): lightning-ray train {args.config} {' '.join(map(shlex.quote, ov))}"
+            )
         return 0
 
     load_before = os.getloadavg()
@@ -331,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             "stale_groups": args.stale_groups,
             "on_update": args.on_update or "(config default)",
             "extra_overrides": args.override,
+            "threads": threads,
         },
         "measured": (
             f"steps {first}..{last}: wall time between the step lines of steps {first - 1} and {last}; "

@@ -2,7 +2,7 @@
 
     flock /tmp/lr-heavy.lock lightning-ray train configs/quickstart.yaml trainer.max_staleness=0
     flock /tmp/lr-heavy.lock lightning-ray train configs/quickstart.yaml trainer.max_staleness=1 \\
-        algorithm.old_logprobs=decoupled inference.engine_threads=1
+        algorithm.old_logprobs=decoupled
     python -m benchmarks.async_quickstart_plot runs/quickstart/train-<K0> runs/quickstart/train-<K1>
 
 Writes `benchmarks/results/async_quickstart.png` and `.json`. Each run's summary is

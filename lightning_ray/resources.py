@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from lightning_ray.config import Config, ConfigError
+from lightning_ray.config.threads import cpu_compute_units
 
 
 def check_resources(cfg: Config, resources: dict[str, float]) -> None:
@@ -54,12 +55,8 @@ def oversubscription(cfg: Config, cores: int) -> str | None:
     >= 1 the learner's `torch_threads` on top (it trains while they generate). OpenMP threads that outnumber
     the cores wait on each other at every barrier, so both sides slow down. None when they fit."""
     inf, lrn, k = cfg.inference, cfg.learner, cfg.trainer.max_staleness
-    engines = (
-        inf.starting_replicas() * (2 if cfg.rollout.frozen_agents else 1)
-        if inf.num_gpus_per_replica == 0
-        else 0
-    )
-    learner = lrn.num_workers * lrn.torch_threads if lrn.num_gpus_per_worker == 0 and k >= 1 else 0
+    engines, ranks = cpu_compute_units(cfg)
+    learner = ranks * lrn.torch_threads if k >= 1 else 0
     threads = engines * inf.engine_threads + learner
     if threads <= cores:
         return None
@@ -71,7 +68,7 @@ def oversubscription(cfg: Config, cores: int) -> str | None:
         )
     return (
         f"{threads} compute threads at once on {cores} cores ({' + '.join(parts)}): threads that outnumber the "
-        "cores slow each other down; lower inference.engine_threads"
+        "cores slow each other down; lower inference.engine_threads, or set it and learner.torch_threads to auto"
     )
 
 

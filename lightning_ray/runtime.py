@@ -11,6 +11,7 @@ import ray
 import yaml
 
 from lightning_ray.config import Config, public_dump
+from lightning_ray.config.threads import local_cores
 from lightning_ray.names import assign_run_id
 from lightning_ray.resources import check_placement, check_resources, oversubscription
 
@@ -63,7 +64,7 @@ def check_local(cfg: Config) -> None:
 
 def _warn_oversubscription(cfg: Config) -> None:
     """A local cluster runs on this machine's cores (`resources.oversubscription`)."""
-    if warning := oversubscription(cfg, os.cpu_count() or 1):
+    if warning := oversubscription(cfg, local_cores()):
         log.warning("warning: %s", warning)
 
 

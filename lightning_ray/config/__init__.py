@@ -32,6 +32,7 @@ from lightning_ray.config.sections import (
     is_loopback,
 )
 from lightning_ray.config.sft import SftConfig, source_paths
+from lightning_ray.config.threads import settle_threads
 from lightning_ray.config.trainer import TrainerConfig
 
 __all__ = [
@@ -96,6 +97,11 @@ class Config(Section):
             raise ValueError(
                 "sft.files: empty; sft.source=files needs run directories or trajectories Parquet"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _threads_settled(self) -> Config:
+        settle_threads(self)
         return self
 
     @model_validator(mode="after")

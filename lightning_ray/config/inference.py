@@ -3,7 +3,7 @@ reach them."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -102,11 +102,12 @@ class InferenceConfig(Section):
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
     enforce_eager: bool = True
-    engine_threads: int = Field(
+    engine_threads: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
         1,
-        gt=0,
-        description="Compute threads of a CPU engine (its OMP_NUM_THREADS). May exceed num_cpus_per_replica "
-        "where the engine and the learner take turns (a synchronous loop on a small box: configs/quickstart.yaml).",
+        description="Compute threads of a CPU engine (its OMP_NUM_THREADS). 'auto': on a local cluster this "
+        "machine's cores shared among what computes at once (the engines while agents run; engines and learner "
+        "together with trainer.max_staleness >= 1), on a joined cluster num_cpus_per_replica "
+        "(lightning_ray/config/threads.py).",
     )
     cpu_preload: list[Literal["tcmalloc", "iomp"]] = Field(
         ["tcmalloc", "iomp"],

@@ -6,7 +6,7 @@ Every section forbids unknown keys, so a typo fails with the field path instead 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -219,7 +219,10 @@ class LearnerConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     offload: bool = False
     lora: LoraConfig | None = None
-    torch_threads: int = Field(1, gt=0)
+    torch_threads: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        1,
+        description="Compute threads of a CPU rank; 'auto' as inference.engine_threads (num_cpus_per_worker).",
+    )
     backend: Literal["auto", "gloo", "nccl"] = "auto"
 
 

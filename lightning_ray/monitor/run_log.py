@@ -139,7 +139,7 @@ def step_line(step: int, total: int, m: dict[str, Any]) -> str:
     # Staleness in a few characters: the largest lag of a trained token, the share of tokens that lagged, and
     # the share of rollouts dropped as too stale.
     lag, dropped = m.get("staleness/max"), m.get("staleness/dropped_share")
-    behind = 1.0 - m.get("staleness/tokens_behind_0", 1.0)
+    behind = 1.0 - m.get("staleness/tokens_behind_0", 0.0)  # the histogram has no empty buckets
     said = ([f"lag<={lag} {behind:.0%}"] if lag else []) + ([f"drop {dropped:.0%}"] if dropped else [])
     stale = " | " + " ".join(said) if said else ""
     loss = "sft/loss" if "sft/loss" in m else "learner/loss"

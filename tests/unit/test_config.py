@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_ray.config import ConfigError, load_config
+from lightning_ray.config import ConfigError, load_config, public_dump, threads
 from lightning_ray.resources import check_resources, oversubscription
 
 REPO = Path(__file__).resolve().parents[2]
@@ -116,10 +116,10 @@ def test_frozen_snapshot_counts_as_a_second_deployment():
 
 
 def test_compute_threads_beyond_the_cores_warn_naming_the_fields():
-    quickstart = REPO / "configs" / "quickstart.yaml"
-    assert oversubscription(load_config(quickstart, check_files=False), cores=2) is None  # synchronous: turns
+    threads = ["inference.engine_threads=2", "learner.torch_threads=2"]
+    assert oversubscription(load_config(None, threads, check_files=False), cores=2) is None  # sync: turns
     overlapped = load_config(
-        quickstart, ["trainer.max_staleness=1", "algorithm.old_logprobs=decoupled"], check_files=False
+        None, [*threads, "trainer.max_staleness=1", "algorithm.old_logprobs=decoupled"], check_files=False
     )
     warning = oversubscription(overlapped, cores=2)
     assert warning.startswith("4 compute threads at once on 2 cores")
@@ -208,3 +208,49 @@ def test_staleness_with_several_optimizer_steps_needs_decoupled_ppo():
     for old in ("recompute", "rollout", "decoupled"):
         sync = ["learner.gradient_accumulation_steps=2", f"algorithm.old_logprobs={old}"]
         assert load_config(None, sync, check_files=False).algorithm.old_logprobs == old
+
+
+def test_auto_threads_share_the_cores_among_what_computes_at_once(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(threads, "local_cores", lambda: 4)
+    auto = ["inference.engine_threads=auto", "learner.torch_threads=auto"]
+    overlapped = ["trainer.max_staleness=1", "algorithm.old_logprobs=decoupled"]
+    two_engines = ["rollout.train_agents=[solver]", "rollout.frozen_agents=[checker]"]
+
+    def settled(*overrides: str) -> tuple[int, int]:
+        cfg = load_config(None, [*auto, *overrides], check_files=False)
+        assert oversubscription(cfg, cores=4) is None or cfg.ray.address  # checked on a local cluster only
+        dumped = public_dump(cfg)  # the run's config.yaml holds the numbers it ran with
+        return dumped["inference"]["engine_threads"], dumped["learner"]["torch_threads"]
+
+    assert settled() == (4, 4)  # synchronous: the engine generates, then the learner trains, on every core
+    assert settled(*overlapped) == (2, 2)  # at once: half each
+    assert settled(*two_engines) == (2, 4)
+    assert settled(*two_engines, *overlapped) == (
+        1,
+        1,
+    )  # 4 cores for 3 at once: never more threads than cores
+    assert settled("learner.num_gpus_per_worker=1", *overlapped) == (4, 4)  # a GPU learner leaves the cores
+    pinned = load_config(None, [*auto[1:], *overlapped, "inference.engine_threads=3"], check_files=False)
+    assert (pinned.inference.engine_threads, pinned.learner.torch_threads) == (3, 2)  # a number is kept
+
+    joined = [
+        "ray.address=127.0.0.1:6379",
+        "inference.num_cpus_per_replica=8",
+        "learner.num_cpus_per_worker=0.5",
+    ]
+    assert settled(*joined) == (8, 1)  # a joined cluster: the CPUs Ray gives each actor
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # as `ray job submit` sets it
+    assert load_config(None, [*auto, *joined[1:]], check_files=False).inference.engine_threads == 8
+
+
+def test_the_quickstart_made_asynchronous_fits_the_cores_it_runs_on(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(threads, "local_cores", lambda: 2)
+    quickstart = REPO / "configs" / "quickstart.yaml"
+    sync = load_config(quickstart, check_files=False)
+    assert (sync.inference.engine_threads, sync.learner.torch_threads) == (2, 2)
+    overlapped = ["trainer.max_staleness=1", "algorithm.old_logprobs=decoupled"]
+    cfg = load_config(quickstart, overlapped, check_files=False)
+    assert (cfg.inference.engine_threads, cfg.learner.torch_threads) == (1, 1)
+    assert oversubscription(cfg, cores=2) is None

@@ -307,5 +307,7 @@ def test_step_line_says_the_staleness_and_the_stale_share():
     assert stale_share({}) == {} and stale_share({"trained": 8}) == {"staleness/dropped_share": 0.0}
     metrics = {"staleness/max": 1, "staleness/tokens_behind_0": 0.75, **stale_share(ended)}
     assert step_line(3, 20, metrics).endswith("| lag<=1 25% drop 20%")
+    every_token_behind = {"staleness/max": 1, "staleness/tokens_behind_1": 1.0}  # no empty bucket for 0
+    assert step_line(3, 20, every_token_behind).endswith("| lag<=1 100%")
     assert step_line(3, 20, {"staleness/dropped_share": 0.5}).endswith("| drop 50%")
     assert step_line(3, 20, {"staleness/max": 0, "staleness/dropped_share": 0.0}).endswith("s")
