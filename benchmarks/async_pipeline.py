@@ -24,6 +24,9 @@ step N saves the final checkpoint; with N < 4, steps 2..N):
   is reported apart. The sum of the run's own `time/step_s` over the window is kept beside it as a check.
 * samples/s: rollouts trained in the window (`ledger/trained` per step when the loop logs it, else
   `rollout/rollouts` less failures) / the window's wall time; seconds per step = wall time / steps.
+* learner tokens/s: the tokens the learner computed in the window (`learner/tokens_computed`) / its wall time.
+  Each run's policy drifts its own way and its replies grow or shrink with it, so samples/s also moves with
+  the work per sample; tokens/s takes that out. Both ratios to K = 0 are printed and kept.
 * busy fractions of inference, agents, learner and sync (`time/{inference,agents,learner,sync}_busy_frac`,
   weighted by step time) when the loop logs them, "n/a" otherwise; mean `time/{rollout,learner,broadcast}_s`;
   staleness (`staleness/mean`, `staleness/max`) and the `ledger/*` counts (dropped, failed) over the window.
@@ -311,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     base = modes[base_name].get("window", {}).get("samples_per_s")
     samples = {n: m.get("window", {}).get("samples_per_s") for n, m in modes.items()}
     ratios = {f"{n}/{base_name}": ratio(s, base) for n, s in samples.items() if n != base_name}
+    tokens = {n: m.get("window", {}).get("learner_tokens_per_s") for n, m in modes.items()}
+    token_ratios = {
+        f"{n}/{base_name}": ratio(t, tokens[base_name]) for n, t in tokens.items() if n != base_name
+    }
     target_ratio = ratios.get(TARGET["ratio"])
     result = {
         "benchmark": "async_pipeline",
@@ -349,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "samples_per_s": samples,
         "ratios_samples_per_s": ratios,
+        "learner_tokens_per_s": tokens,
+        "ratios_learner_tokens_per_s": token_ratios,
         "target": {
             **TARGET,
             "value": target_ratio,
@@ -374,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             + (f"  WARNING: {m['warning']}" if m.get("warning") else "")
         )
     print(", ".join(f"samples/s {k}: {fmt(v, '.3f')}" for k, v in ratios.items()))
+    print(", ".join(f"learner tokens/s {k}: {fmt(v, '.3f')}" for k, v in token_ratios.items()))
     print(f"target {TARGET['ratio']} >= {TARGET['min']}: {result['target']['met']}")
     print(f"load average (1 min) before/after: {result['loadavg_1m_before_after']}; wrote {args.out}")
     return 0 if all("error" not in m for m in modes.values()) else 1

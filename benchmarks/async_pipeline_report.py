@@ -52,6 +52,7 @@ def measure(run_dir: Path, step_at: dict[int, float], steps: int) -> dict[str, A
                 "trained_source": source,
                 "rollouts": r.get("rollout/rollouts"),
                 "sequences": r.get("learner/sequences"),
+                "tokens_computed": r.get("learner/tokens_computed"),
                 "reward_mean": _round(r.get("rollout/reward_mean")),
                 **{f"{p}_busy_frac": _round(r.get(f"time/{p}_busy_frac")) for p in BUSY},
                 **{k: _round(v) for k, v in r.items() if k.startswith(("staleness/", "ledger/"))},
@@ -83,6 +84,9 @@ def measure(run_dir: Path, step_at: dict[int, float], steps: int) -> dict[str, A
         "trained_source": win[0]["trained_source"],
         "samples_per_s": round(samples / wall, 4) if samples is not None and wall > 0 else None,
         "s_per_step": round(wall / len(win), 2),
+        # Replies grow or shrink as each run's policy drifts its own way: tokens trained per second is the
+        # throughput with the work per sample taken out.
+        "learner_tokens_per_s": _round(sum(p["tokens_computed"] or 0 for p in win) / wall, 2),
         **{f"mean_{k}": _mean([p[k] for p in win]) for k in TIMES},
         **{f"{p}_busy_frac": weighted(win, f"{p}_busy_frac", weights) for p in BUSY},
         "staleness_mean": weighted(win, "staleness/mean", weights),
@@ -127,7 +131,8 @@ def fmt(v: Any, spec: str = ".2f") -> str:
 
 def table(modes: dict[str, dict[str, Any]], base: float | None) -> str:
     head = (
-        f"{'mode':<5} {'steps':>6} {'s/step':>7} {'samples/s':>9} {'x K=0':>6} {'rollout':>8} {'learner':>8} "
+        f"{'mode':<5} {'steps':>6} {'s/step':>7} {'samples/s':>9} {'x K=0':>6} {'tok/s':>6} {'rollout':>8} "
+        f"{'learner':>8} "
         f"{'sync':>6} {'infer busy':>10} {'agents busy':>11} {'learner busy':>12} {'stale':>9} "
         f"{'start-up':>8}"
     )
@@ -142,7 +147,8 @@ def table(modes: dict[str, dict[str, Any]], base: float | None) -> str:
             stale = "n/a"
         lines.append(
             f"{name:<5} {w['steps']:>6} {fmt(w['s_per_step'], '.1f'):>7} {fmt(w['samples_per_s'], '.3f'):>9} "
-            f"{fmt(ratio(w['samples_per_s'], base)):>6} {fmt(w['mean_rollout_s'], '.1f'):>8} "
+            f"{fmt(ratio(w['samples_per_s'], base)):>6} {fmt(w['learner_tokens_per_s'], '.1f'):>6} "
+            f"{fmt(w['mean_rollout_s'], '.1f'):>8} "
             f"{fmt(w['mean_learner_s'], '.1f'):>8} {fmt(w['mean_broadcast_s'], '.2f'):>6} "
             f"{fmt(w['inference_busy_frac']):>10} {fmt(w['agents_busy_frac']):>11} "
             f"{fmt(w['learner_busy_frac']):>12} {stale:>9} {fmt(m.get('startup_s'), '.0f'):>8}"
