@@ -115,6 +115,10 @@ def cmd_check(cfg: Config) -> None:
 
     for line in preflight(cfg):
         print(f"  {line}")
+    print(
+        f"  compute threads: inference.engine_threads {cfg.inference.engine_threads} per CPU engine, "
+        f"learner.torch_threads {cfg.learner.torch_threads} per CPU learner rank"
+    )
     if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
         from lightning_ray.runtime import init_ray
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lightning_ray import cli, environment
-from lightning_ray.config import Config
+from lightning_ray.config import Config, threads
 
 REPO = Path(__file__).resolve().parents[2]
 CALC = str(REPO / "configs" / "calc.yaml")
@@ -65,7 +65,12 @@ def test_main_applies_overrides_given_after_options(monkeypatch):
 def test_main_checks_a_config_on_this_machine(monkeypatch, capsys):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert cli.main(["check", CALC, "trainer.steps=3", "ray.num_cpus=4"]) == 0
-    assert capsys.readouterr().out.strip().endswith("calc.yaml: ok")
+    out = capsys.readouterr().out
+    assert out.strip().endswith("calc.yaml: ok")
+    engine = (
+        f"inference.engine_threads {threads.local_cores()} per CPU engine"  # calc.yaml: auto, rollouts only
+    )
+    assert f"compute threads: {engine}" in out
     assert cli.main(["check", CALC, "trainer.steps=three"]) == 2
     assert "trainer.steps" in capsys.readouterr().err
 
