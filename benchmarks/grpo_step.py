@@ -27,6 +27,7 @@ end-of-run checkpoint save, which TRL does not do here). Writes benchmarks/resul
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -225,7 +226,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a and b else None
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="GRPO steps per side (medians over 2..N)")
     parser.add_argument("--tasks", type=int, default=4, help="tasks (prompts) per step")
@@ -237,6 +238,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--side-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULT)
     args = parser.parse_args(argv)
+    if args.side != "lightning_ray" and importlib.util.find_spec("trl") is None:
+        print(
+            "error: TRL is not installed: pip install -e '.[bench]' (or --side lightning_ray)",
+            file=sys.stderr,
+        )
+        return 2
 
     if args.side != "both":
         if args.side == "lightning_ray":
@@ -249,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.side_out:
             args.side_out.write_text(text)
         print(text)
-        return
+        return 0
 
     t0 = time.perf_counter()
     ours = run_side("lightning_ray", args)
@@ -289,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
         f"ratio TRL/lightning-ray {result['ratio']}"
     )
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,9 +6,10 @@ On a joined cluster (`ray.address` or RAY_ADDRESS) an actor computes with the CP
 not be cores, so there `auto` divides this machine's cores among what computes at the same time. In a synchronous
 loop (`trainer.max_staleness: 0`) the engines generate while the learner waits, then the learner trains while
 they idle: the engines share the cores, and so do the learner's ranks. With `max_staleness >= 1` they all compute
-at once and share the cores between them. Threads that outnumber the cores wait on each other at every OpenMP
-barrier; on a 2-core box the learner of an async run took 2-3x as long per step beside an engine when one thread
-too many ran (benchmarks/results/async_pipeline.json).
+at once and share the cores between them: threads that outnumber the cores wait on each other at every OpenMP
+barrier. On 2 cores, an engine thread beside a two-thread learner left K = 1 at 0.94x the synchronous samples/s
+(2026-12-01); one thread each, as `auto` gives, 1.96x and 1.77x in two runs (benchmarks/results/async_pipeline.json,
+2026-12-02).
 """
 
 from __future__ import annotations
