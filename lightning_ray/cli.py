@@ -13,6 +13,7 @@ import sys
 
 from lightning_ray.checkpoints import ResumeError, resume_plan
 from lightning_ray.config import Config, ConfigError, load_config
+from lightning_ray.config.threads import cluster_address
 from lightning_ray.environment import BrokenEnvironment, check_environment
 from lightning_ray.faults import RunFault
 
@@ -119,7 +120,7 @@ def cmd_check(cfg: Config) -> None:
         f"  compute threads: inference.engine_threads {cfg.inference.engine_threads} per CPU engine, "
         f"learner.torch_threads {cfg.learner.torch_threads} per CPU learner rank"
     )
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+    if cluster_address(cfg):
         from lightning_ray.runtime import init_ray
 
         init_ray(cfg)

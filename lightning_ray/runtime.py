@@ -11,7 +11,7 @@ import ray
 import yaml
 
 from lightning_ray.config import Config, public_dump
-from lightning_ray.config.threads import local_cores
+from lightning_ray.config.threads import cluster_address, local_cores
 from lightning_ray.names import assign_run_id
 from lightning_ray.resources import check_placement, check_resources, oversubscription
 
@@ -35,7 +35,7 @@ def init_ray(cfg: Config) -> dict[str, float]:
     one on loopback with the project on the workers' path. Then fail fast if the config cannot fit the cluster
     or a role cannot be placed on the nodes its `placement` allows."""
     if not ray.is_initialized():
-        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        address = cluster_address(cfg)
         if address:
             ray.init(address=address, namespace=cfg.ray.namespace, log_to_driver=True)
         else:

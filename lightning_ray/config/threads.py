@@ -26,9 +26,10 @@ def local_cores() -> int:
         return os.cpu_count() or 1
 
 
-def joins_cluster(cfg: Any) -> bool:
-    """Whether a run of `cfg` joins a running cluster rather than starting a local one (as `init_ray` decides)."""
-    return bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+def cluster_address(cfg: Any) -> str | None:
+    """The running cluster a run of `cfg` joins (`ray.address`, else RAY_ADDRESS, which `ray job submit` sets);
+    None: it starts a local one."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS")
 
 
 def cpu_compute_units(cfg: Any) -> tuple[int, int]:
@@ -46,7 +47,7 @@ def settle_threads(cfg: Any) -> None:
     inf, lrn = cfg.inference, cfg.learner
     if "auto" not in (inf.engine_threads, lrn.torch_threads):
         return
-    if joins_cluster(cfg):
+    if cluster_address(cfg):
         engine, learner = int(inf.num_cpus_per_replica), int(lrn.num_cpus_per_worker)
     else:
         cores, (engines, ranks) = local_cores(), cpu_compute_units(cfg)
