@@ -8,8 +8,8 @@ loop (`trainer.max_staleness: 0`) the engines generate while the learner waits, 
 they idle: the engines share the cores, and so do the learner's ranks. With `max_staleness >= 1` they all compute
 at once and share the cores between them: threads that outnumber the cores wait on each other at every OpenMP
 barrier. On 2 cores, an engine thread beside a two-thread learner left K = 1 at 0.94x the synchronous samples/s
-(2026-12-01); one thread each, as `auto` gives, 1.96x and 1.77x in two runs (benchmarks/results/async_pipeline.json,
-2026-12-02).
+(2026-12-01); one thread each, as `auto` gives, 1.17-1.96x in three runs, 1.31-1.61x per learner token
+(benchmarks/results/async_pipeline*.json, 2026-12-02).
 """
 
 from __future__ import annotations
