@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from lightning_ray.config import Config, ConfigError
-from lightning_ray.config.threads import cpu_compute_units
+from lightning_ray.config.threads import cpu_compute_units, starting_engines
 
 
 def check_resources(cfg: Config, resources: dict[str, float]) -> None:
@@ -29,7 +29,7 @@ def check_resources(cfg: Config, resources: dict[str, float]) -> None:
         )
     # The replicas Serve starts with (autoscaling adds more only where there is room); the frozen snapshot is a
     # second deployment.
-    replicas = inf.starting_replicas() * (2 if ro.frozen_agents else 1)
+    replicas = starting_engines(cfg)
     need_gpus = replicas * inf.num_gpus_per_replica + lrn.num_workers * lrn.num_gpus_per_worker
     if need_gpus > gpus + 1e-9:
         problems.append(f"inference+learner ask for {need_gpus:g} GPUs, the cluster has {gpus:g}")
@@ -79,7 +79,7 @@ class PlacementError(ConfigError):
 def role_demands(cfg: Config) -> list[tuple[str, int, dict[str, float], dict[str, str]]]:
     """Per role: its config section, how many actors, what each asks for, the node labels they need."""
     inf, lrn, ro = cfg.inference, cfg.learner, cfg.rollout
-    replicas = inf.starting_replicas() * (2 if ro.frozen_agents else 1)
+    replicas = starting_engines(cfg)
     return [
         (
             "inference",

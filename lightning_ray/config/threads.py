@@ -32,12 +32,16 @@ def cluster_address(cfg: Any) -> str | None:
     return cfg.ray.address or os.environ.get("RAY_ADDRESS")
 
 
+def starting_engines(cfg: Any) -> int:
+    """The vLLM replicas a run starts with: the frozen agents' snapshot is a second deployment."""
+    return cfg.inference.starting_replicas() * (2 if cfg.rollout.frozen_agents else 1)
+
+
 def cpu_compute_units(cfg: Any) -> tuple[int, int]:
-    """The CPU engines (the frozen agents' snapshot is a second deployment) and CPU learner ranks of `cfg`."""
+    """The CPU engines and CPU learner ranks of `cfg`."""
     inf, lrn = cfg.inference, cfg.learner
-    engines = inf.starting_replicas() * (2 if cfg.rollout.frozen_agents else 1)
     return (
-        engines if inf.num_gpus_per_replica == 0 else 0,
+        starting_engines(cfg) if inf.num_gpus_per_replica == 0 else 0,
         lrn.num_workers if lrn.num_gpus_per_worker == 0 else 0,
     )
 
