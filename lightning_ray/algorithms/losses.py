@@ -64,16 +64,18 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 def token_logprobs(
     logits: torch.Tensor, targets: torch.Tensor, slot: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """log softmax(logits)[target] per position, in float32, without materialising the full log-softmax.
+    """log softmax(logits)[target] per position, in float32.
 
     With `slot` (same shape as `targets`), `logits` is `[K, V]` and target t is scored by row `slot[t]`: the
-    packed learner's layout, where one position may predict the next token of several rows.
+    packed learner's layout, where one position may predict the next token of several rows. `log_softmax`
+    with a float32 `dtype` reads bfloat16 logits once and has a fused backward: on a CPU it took about half
+    the time of the float32 copy, `logsumexp` and gather it replaces (1,300 x 49,152 logits, forward and
+    backward: 0.7 vs 1.3 s on one thread).
     """
-    logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1)
+    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
     if slot is None:
-        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    return logits[slot, targets] - lse[slot]
+        return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logp[slot, targets]
 
 
 def loss_denominator(mask: torch.Tensor, length_norm: str, constant: float | None = None) -> torch.Tensor:

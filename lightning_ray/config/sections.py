@@ -209,7 +209,7 @@ class LearnerConfig(Section):
     )
     packing: bool = Field(True, description="Tokens shared by rows once, no padding (learner.packing).")
     max_tokens_per_micro_batch: int = Field(2048, gt=0, description="With packing; a longer row goes alone.")
-    attention: Literal["auto", "sdpa", "flex_attention", "eager"] = "auto"  # see learner.engine
+    attention: Literal["auto", "tree", "sdpa", "flex_attention", "eager"] = "auto"  # see learner.engine
     micro_batch_size: int = Field(4, gt=0, description="Without packing: rows per micro-batch.")
     gradient_accumulation_steps: int | None = Field(
         None, gt=0, description="Unset: the whole batch per step."
@@ -224,6 +224,15 @@ class LearnerConfig(Section):
         description="Compute threads of a CPU rank; 'auto' as inference.engine_threads (num_cpus_per_worker).",
     )
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+    @model_validator(mode="after")
+    def _tree_attention_is_packed(self) -> LearnerConfig:
+        if self.attention == "tree" and not self.packing:
+            raise ValueError(
+                "learner.attention=tree computes the packed trie chain by chain, and learner.packing is false; "
+                "set learner.packing=true, or learner.attention to auto or sdpa for padded rows"
+            )
+        return self
 
 
 class AlgorithmConfig(Section):

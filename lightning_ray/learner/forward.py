@@ -17,7 +17,7 @@ import torch
 from lightning_ray.algorithms.losses import token_entropy, token_logprobs
 from lightning_ray.config import LearnerConfig
 from lightning_ray.learner.batch import padding_batch, split_micro_batches, table_to_batch
-from lightning_ray.learner.packing import attention_mask, pack_batch, row_sequences, split_by_tokens
+from lightning_ray.learner.packing import attention_inputs, pack_batch, row_sequences, split_by_tokens
 
 Batch = dict[str, torch.Tensor]
 
@@ -74,7 +74,7 @@ def forward_logprobs(
             keep = batch["logit_index"].new_zeros(1)
         out = model(
             input_ids=batch["input_ids"],
-            attention_mask=attention_mask(model, batch["subtree_end"]),
+            **attention_inputs(model, batch["subtree_end"]),
             position_ids=batch["position_ids"],
             logits_to_keep=keep,
             use_cache=False,

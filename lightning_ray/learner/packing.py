@@ -8,10 +8,11 @@ G·(P+R). The idea is Prefix Grouper's (arXiv 2506.05433) generalised to a trie 
 Layout. The rows of a micro-batch are inserted into a token trie (a node per distinct prefix) and the nodes
 are laid out in depth-first pre-order, so node `j`'s subtree is the contiguous range `[j, end[j])`. Node `i`
 may attend to node `j` iff `j` is an ancestor of `i` or `i` itself, that is iff `j <= i < end[j]`: one
-comparison, which is both the dense CPU mask (`dense_mask`, for SDPA) and a FlexAttention `mask_mod`
-(`block_mask`, on GPU). A node's position id is its depth, so each row sees exactly the positions and
-context it has on its own, and its logits, loss and gradients equal the unpacked row's: shared nodes receive
-the sum of their rows' gradients, as the padded batch sums them.
+comparison, which is a FlexAttention `mask_mod` (`block_mask`, on GPU), the chains the CPU computes one by
+one (`tree_attention`), and the dense mask of SDPA and eager (`dense_mask`). A node's position id is its
+depth, so each row sees exactly the positions and context it has on its own, and its logits, loss and
+gradients equal the unpacked row's: shared nodes receive the sum of their rows' gradients, as the padded
+batch sums them.
 
 The trie of rows in lexicographic order is cheap to build without one: row k's new nodes are its tokens
 after its longest common prefix with row k-1 (the sorted neighbour shares the most with it), and emitting
@@ -27,6 +28,7 @@ import pyarrow as pa
 import torch
 
 from lightning_ray.data.schema import list_column
+from lightning_ray.learner import tree_attention
 from lightning_ray.learner.batch import response_tensors
 
 
@@ -142,17 +144,20 @@ def block_mask(subtree_end: torch.Tensor):
     return create_block_mask(ancestor_or_self, None, None, n, n, device=subtree_end.device)
 
 
-def attention_mask(model: torch.nn.Module, subtree_end: torch.Tensor):
-    """The mask the model's attention implementation takes: a BlockMask for flex_attention, an additive float
-    mask for eager (which adds the mask to the scores as is), the boolean mask for SDPA."""
-    config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
-    implementation = getattr(config, "_attn_implementation", None)
+def attention_inputs(model: torch.nn.Module, subtree_end: torch.Tensor) -> dict:
+    """What the model's attention implementation takes for the trie rule: the chains' plan for `tree` (no mask),
+    a BlockMask for flex_attention, an additive float mask for eager (which adds the mask to the scores as is),
+    the boolean mask for SDPA."""
+    inner = getattr(model, "module", model)  # a DeepSpeed engine's own `config` is its DeepSpeed config
+    implementation = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+    if implementation == tree_attention.NAME:
+        return {"attention_mask": None, "tree_plan": tree_attention.tree_plan(subtree_end)}
     if implementation == "flex_attention":
-        return block_mask(subtree_end)
+        return {"attention_mask": block_mask(subtree_end)}
     mask = dense_mask(subtree_end)
     if implementation == "eager":
         dtype = next(model.parameters()).dtype
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
             ~mask, torch.finfo(dtype).min
         )
-    return mask
+    return {"attention_mask": mask}

@@ -150,6 +150,13 @@ def test_tensor_parallel_needs_gpus(tmp_path):
         load_config(write(tmp_path, "inference: {tensor_parallel_size: 2}\n"), check_files=False)
 
 
+def test_tree_attention_needs_packed_micro_batches(tmp_path):
+    cfg = write(tmp_path, "learner: {attention: tree, packing: false}\n")
+    with pytest.raises(ConfigError, match="learner.attention=tree .* learner.packing is false"):
+        load_config(cfg, check_files=False)
+    assert load_config(cfg, ["learner.packing=true"], check_files=False).learner.attention == "tree"
+
+
 def test_bad_yaml_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "trainer: [unclosed\n"))

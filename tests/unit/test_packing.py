@@ -13,9 +13,17 @@ import torch
 
 from lightning_ray.algorithms.losses import loss_denominator, policy_loss
 from lightning_ray.config import AlgorithmConfig
+from lightning_ray.learner import tree_attention
 from lightning_ray.learner.batch import padding_batch, table_to_batch
 from lightning_ray.learner.forward import forward_logprobs
-from lightning_ray.learner.packing import dense_mask, pack_batch, pack_trie, row_sequences, split_by_tokens
+from lightning_ray.learner.packing import (
+    attention_inputs,
+    dense_mask,
+    pack_batch,
+    pack_trie,
+    row_sequences,
+    split_by_tokens,
+)
 from tests.unit.test_algorithms_batch import make_table
 
 VOCAB = 50
@@ -24,6 +32,8 @@ VOCAB = 50
 def tiny_llama(attention: str = "sdpa") -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if attention == "tree":
+        tree_attention.register()
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -67,6 +77,8 @@ def assert_packed_equals_rows(table: pa.Table, max_tokens: int, attention: str =
     model = tiny_llama(attention)
     rows = split_by_tokens(row_sequences(table)[0], max_tokens)
     packed_loss, packed = loss_and_grads(model, [pack_batch(table.take(r)) for r in rows], algo)
+    if attention == "tree":  # the packed trie's attention; a row alone has no trie and takes SDPA
+        model.config._attn_implementation = "sdpa"
     alone_loss, alone = loss_and_grads(
         model, [table_to_batch(table.slice(i, 1)) for i in range(len(table))], algo
     )
@@ -109,13 +121,71 @@ def test_trie_layout_by_hand():
     mask = dense_mask(torch.from_numpy(end))[0, 0].int().tolist()
     assert mask[4] == [1, 1, 0, 1, 1, 0, 0]  # token 5 sees 1 2 4 and itself, not its sibling branch 3
     assert mask[6] == [0, 0, 0, 0, 0, 1, 1]
+    # chains, cut after each leaf: 1 2 3 (a root), 4 5 (below nodes 0 and 1), 6 7 (a root again)
+    assert [(p.tolist(), s, e) for p, s, e in tree_attention.chains(end)] == [
+        ([], 0, 3),
+        ([0, 1], 3, 5),
+        ([], 5, 7),
+    ]
     batch = pack_batch(table)
     # row a's response [3] is predicted from node 1 (token 2); row b's [4, 5] from nodes 1 and 3
     assert batch["logit_index"].tolist() == [[0, 1], [1, 3], [0, 5]]
     assert batch["input_ids"].shape == (1, 7) and batch["targets"].tolist() == [[0, 3], [4, 5], [0, 7]]
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+ATTENTIONS = ["tree", "sdpa", "eager"]
+
+
+def test_tree_plan_computes_fewer_pairs_than_the_dense_mask():
+    """Eight answers below one prompt: each chain's queries see their ancestors and themselves, each node is the
+    query of exactly one chain, and the buckets hold a fraction of the N x N pairs SDPA's mask computes."""
+    prompt = list(range(1, 41))
+    rows = [("g", str(i), prompt, [41 + i, *range(50, 59)], float(i % 2)) for i in range(8)]
+    end = pack_batch(make_table(rows))["subtree_end"]
+    plan = tree_attention.tree_plan(end)
+    queries = torch.cat([b.queries.reshape(-1)[b.valid] for b in plan.buckets])
+    assert sorted(queries.tolist()) == list(range(len(end)))
+    assert torch.equal(queries[plan.order], torch.arange(len(end)))
+    for b in plan.buckets:  # what each real query sees is exactly the rule j <= i < end[j] on the keys' nodes
+        for row, (q_nodes, k_nodes) in enumerate(zip(b.queries, b.keys, strict=True)):
+            for t, i in enumerate(q_nodes.tolist()):
+                if row * b.queries.shape[1] + t in b.valid.tolist():
+                    seen = set(k_nodes[b.mask[row, 0, t]].tolist())
+                    assert seen == {j for j in range(len(end)) if j <= i < end[j]}
+    pairs = sum(b.mask.shape[0] * b.mask.shape[2] * b.mask.shape[3] for b in plan.buckets)
+    assert pairs < len(end) ** 2 / 2
+
+
+def test_auto_attention_is_tree_on_a_cpu_flex_on_a_gpu_sdpa_unpacked(monkeypatch):
+    from transformers import AttentionInterface
+
+    from lightning_ray.config import LearnerConfig
+    from lightning_ray.learner.engine import attention_implementation
+
+    assert attention_implementation(LearnerConfig(attention="auto")) == "tree"
+    assert "tree" in AttentionInterface._global_mapping  # registered for from_pretrained
+    assert attention_implementation(LearnerConfig(attention="auto", packing=False)) == "sdpa"
+    assert attention_implementation(LearnerConfig(attention="sdpa")) == "sdpa"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert (
+        attention_implementation(LearnerConfig(attention="auto", num_gpus_per_worker=1)) == "flex_attention"
+    )
+
+
+def test_the_attention_inputs_of_a_wrapped_model_are_its_inner_models():
+    """A DeepSpeed engine wraps the model as `.module` and has a `config` of its own (the DeepSpeed config)."""
+
+    class Engine(torch.nn.Module):
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module, self.config = module, {"train_batch_size": 1}
+
+    end = pack_batch(group_table())["subtree_end"]
+    assert set(attention_inputs(Engine(tiny_llama("tree")), end)) == {"attention_mask", "tree_plan"}
+    assert attention_inputs(Engine(tiny_llama("eager")), end)["attention_mask"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
 def test_shared_prompt_groups_equal_rows_alone(attention):
     table = group_table()
     rows = assert_packed_equals_rows(table, max_tokens=1000, attention=attention)
@@ -124,22 +194,25 @@ def test_shared_prompt_groups_equal_rows_alone(attention):
     assert packed < sum(len(s) for s in row_sequences(table)[0]) // 2  # the prompts are computed once
 
 
-def test_a_group_split_across_micro_batches():
-    rows = assert_packed_equals_rows(group_table(), max_tokens=14)
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_a_group_split_across_micro_batches(attention):
+    rows = assert_packed_equals_rows(group_table(), max_tokens=14, attention=attention)
     assert len(rows) > 2 and sorted(i for r in rows for i in r) == list(range(6))
 
 
-def test_rows_with_no_shared_prefix():
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_rows_with_no_shared_prefix(attention):
     table = with_advantages(
         make_table(
             [("g", "a", [1, 2, 3], [4, 5], 1.0), ("g", "b", [6, 7], [8], 0.0), ("h", "c", [9], [10, 11], 1.0)]
         )
     )
-    assert_packed_equals_rows(table, max_tokens=1000)
+    assert_packed_equals_rows(table, max_tokens=1000, attention=attention)
     assert pack_batch(table)["input_ids"].shape[1] == 5 + 3 + 3  # concatenated, nothing padded
 
 
-def test_merged_multi_turn_rows_with_loss_masks():
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_merged_multi_turn_rows_with_loss_masks(attention):
     # a merged conversation: turn 1's answer [11, 12], a tool result [30, 31] (loss 0), turn 2's answer [13]
     table = make_table(
         [
@@ -149,7 +222,7 @@ def test_merged_multi_turn_rows_with_loss_masks():
         ]
     )
     table = with_advantages(with_loss_mask(table, [[1, 1, 0, 0, 1], [1, 1, 0, 0, 1, 1], [1]]))
-    assert_packed_equals_rows(table, max_tokens=1000)
+    assert_packed_equals_rows(table, max_tokens=1000, attention=attention)
 
 
 def test_flex_attention_block_mask_forward_only_on_cpu_equals_rows_alone():
@@ -173,8 +246,9 @@ def test_budget_split_and_padding_batch():
     with pytest.raises(ValueError, match="max_tokens_per_micro_batch"):
         split_by_tokens(seqs, 0)
     empty = padding_batch(0, packed=True)
-    logp, _ = forward_logprobs(tiny_llama(), empty)
-    assert float(logp.abs().sum()) == 0.0
+    for attention in ATTENTIONS:
+        logp, _ = forward_logprobs(tiny_llama(attention), empty)
+        assert float(logp.detach().abs().sum()) == 0.0
 
 
 def test_an_empty_shard_has_no_micro_batches():
