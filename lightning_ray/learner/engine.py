@@ -115,7 +115,7 @@ def join_process_group(
 def attention_implementation(cfg: LearnerConfig) -> str:
     """`learner.attention`, with auto resolved, and `tree` registered with transformers when chosen. Packed,
     FlexAttention takes the trie rule as a sparse BlockMask on a GPU; on a CPU, `tree` computes it chain by
-    chain (no compile step; SDPA's dense mask computed every pair, at 1.3-1.6x the bfloat16 step time).
+    chain (no compile step; SDPA over the dense mask computed every pair, at up to 1.6x the bfloat16 step time).
     Padded rows take SDPA."""
     choice = cfg.attention
     if choice == "auto":

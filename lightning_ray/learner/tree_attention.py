@@ -5,8 +5,9 @@ iff j <= i < end[j]. With the dense N x N mask of that rule SDPA computes every 
 the CPU its bfloat16 kernel took about half of a SmolLM2 learner step: for 1,480 tokens of 3 GRPO groups, whose
 rows attend to their prompt and their own answer, 16% of the pairs are allowed. This implementation
 (`learner.attention: tree`, the CPU default with packing) computes those and some padding (29% of the pairs
-there). One DeepSpeed rank, bfloat16, one thread, on the quickstart's batches: 8.3 s instead of 14.2 for that
-step, 69.8 s instead of 101.7 for eight steps of three sizes; with two threads 1.0-1.3x; in float32 even.
+there). One DeepSpeed rank, bfloat16, one thread, on the quickstart's batches: 9.3 s instead of 15.1 for that
+step, 1.43x over batches of three sizes (`benchmarks/learner_throughput.py --threads 1`); with two threads
+1.0-1.3x; in float32 even.
 
 In pre-order the trie splits into chains: runs of tokens each the child of the one before, cut after every
 leaf. A chain is the fresh part of one row, its tokens see the chain's ancestors (the nodes j before it with
