@@ -17,7 +17,8 @@ causal rule shifted by p. Chains of similar shape are stacked into a few buckets
 sums a shared prefix's gradients over its rows), and whose outputs, one per token, are put back in node order.
 
 The arithmetic per chain is transformers' eager attention (scores in the model's dtype, softmax in float32),
-grouped-query heads share their key head without copies. The plan is built on the host from `subtree_end`
+grouped-query heads share their key head without copies; a bucket too large to keep its scores for the backward
+goes to SDPA with its mask instead (`MAX_EAGER_SCORES`). The plan is built on the host from `subtree_end`
 and reaches the attention through the model's keyword arguments (`tree_plan`).
 """
 
@@ -27,9 +28,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 NAME = "tree"
 SLACK = 1.5  # a bucket's padded query-key pairs at most this many times its real ones
+# Above this many scores (buckets x heads x queries x keys) a bucket goes to SDPA's flash kernel, which never
+# holds the scores: the eager arithmetic keeps them for the backward, which a long row would not fit (an 8k-token
+# chain: 9 heads x 8192^2 scores per layer, over 1 GB in bfloat16). 16M: a 2k-token chain of SmolLM2 stays eager.
+MAX_EAGER_SCORES = 1 << 24
 
 
 @dataclass
@@ -121,10 +127,15 @@ def tree_attention(
     for b in tree_plan.buckets:
         n, t = b.queries.shape
         length = b.keys.shape[1]
-        q = query[0].index_select(1, b.queries.reshape(-1)).view(kv_heads, group, n, t, dim)
-        q = q.permute(2, 0, 1, 3, 4).reshape(n, kv_heads, group * t, dim)
+        q = query[0].index_select(1, b.queries.reshape(-1))
         k = key[0].index_select(1, b.keys.reshape(-1)).view(kv_heads, n, length, dim).transpose(0, 1)
         v = value[0].index_select(1, b.keys.reshape(-1)).view(kv_heads, n, length, dim).transpose(0, 1)
+        if n * heads * t * length > MAX_EAGER_SCORES:
+            q = q.view(heads, n, t, dim).transpose(0, 1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=b.mask, scale=scale, enable_gqa=True)
+            outputs.append(out.transpose(1, 2).reshape(n * t, heads, dim).index_select(0, b.valid))
+            continue
+        q = q.view(kv_heads, group, n, t, dim).permute(2, 0, 1, 3, 4).reshape(n, kv_heads, group * t, dim)
         scores = torch.matmul(q, k.transpose(-1, -2)).view(n, kv_heads, group, t, length) * scale
         scores = scores.masked_fill(~b.mask[:, :, None], float("-inf")).view(n, kv_heads, group * t, length)
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)

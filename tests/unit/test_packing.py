@@ -172,6 +172,11 @@ def test_auto_attention_is_tree_on_a_cpu_flex_on_a_gpu_sdpa_unpacked(monkeypatch
     )
 
 
+def test_tree_buckets_too_large_to_keep_their_scores_go_to_sdpa(monkeypatch):
+    monkeypatch.setattr(tree_attention, "MAX_EAGER_SCORES", 0)
+    assert_packed_equals_rows(group_table(), max_tokens=1000, attention="tree")
+
+
 def test_the_attention_inputs_of_a_wrapped_model_are_its_inner_models():
     """A DeepSpeed engine wraps the model as `.module` and has a `config` of its own (the DeepSpeed config)."""
 
