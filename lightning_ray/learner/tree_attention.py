@@ -34,8 +34,8 @@ NAME = "tree"
 SLACK = 1.5  # a bucket's padded query-key pairs at most this many times its real ones
 # Above this many scores (buckets x heads x queries x keys) a bucket goes to SDPA's flash kernel, which never
 # holds the scores: the eager arithmetic keeps them for the backward. One 4,096-token row of SmolLM2 in bfloat16,
-# forward and backward: 5.1 GB peak with this limit; all eager, killed for memory at 24 GB. 16M: a 2k-token
-# chain of SmolLM2 stays eager.
+# forward and backward: 5.1 GB peak with this limit; all eager, killed for memory at 24 GB. 16M: a chain of up
+# to ~1,360 tokens of SmolLM2 (9 heads) stays eager.
 MAX_EAGER_SCORES = 1 << 24
 
 
