@@ -63,16 +63,19 @@ def chains(subtree_end: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
     ]
 
 
+def _shape(group: list[tuple[np.ndarray, int, int]]) -> tuple[int, int]:
+    """(queries, keys) of a bucket of chains: its longest chain and its longest ancestor path."""
+    return max(e - s for _, s, e in group), max(len(p) + e - s for p, s, e in group)
+
+
 def _pairs(group: list[tuple[np.ndarray, int, int]]) -> tuple[int, int]:
     """(padded, real) query-key pairs of a bucket of chains."""
-    t = max(e - s for _, s, e in group)
-    keys = max(len(p) + e - s for p, s, e in group)
+    t, keys = _shape(group)
     return len(group) * t * keys, sum((e - s) * (len(p) + e - s) for p, s, e in group)
 
 
 def _bucket(group: list[tuple[np.ndarray, int, int]], device: torch.device) -> tuple[Bucket, np.ndarray]:
-    t_max = max(e - s for _, s, e in group)
-    l_max = max(len(p) + e - s for p, s, e in group)
+    t_max, l_max = _shape(group)
     queries = np.zeros((len(group), t_max), np.int64)
     keys = np.zeros((len(group), l_max), np.int64)
     mask = np.zeros((len(group), 1, t_max, l_max), bool)
@@ -122,27 +125,34 @@ def tree_attention(
     if dropout:
         raise ValueError("learner.attention=tree does not implement attention dropout")
     heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[-1]
-    group = heads // kv_heads  # query heads g * group .. (g + 1) * group - 1 share key head g
     scale = scaling if scaling is not None else dim**-0.5
     outputs = []
     for b in tree_plan.buckets:
         n, t = b.queries.shape
         length = b.keys.shape[1]
-        q = query[0].index_select(1, b.queries.reshape(-1))
+        q = query[0].index_select(1, b.queries.reshape(-1)).view(heads, n, t, dim).transpose(0, 1)
         k = key[0].index_select(1, b.keys.reshape(-1)).view(kv_heads, n, length, dim).transpose(0, 1)
         v = value[0].index_select(1, b.keys.reshape(-1)).view(kv_heads, n, length, dim).transpose(0, 1)
         if n * heads * t * length > MAX_EAGER_SCORES:
-            q = q.view(heads, n, t, dim).transpose(0, 1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=b.mask, scale=scale, enable_gqa=True)
-            outputs.append(out.transpose(1, 2).reshape(n * t, heads, dim).index_select(0, b.valid))
-            continue
-        q = q.view(kv_heads, group, n, t, dim).permute(2, 0, 1, 3, 4).reshape(n, kv_heads, group * t, dim)
-        scores = torch.matmul(q, k.transpose(-1, -2)).view(n, kv_heads, group, t, length) * scale
-        scores = scores.masked_fill(~b.mask[:, :, None], float("-inf")).view(n, kv_heads, group * t, length)
-        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(weights, v).view(n, kv_heads, group, t, dim).permute(0, 3, 1, 2, 4)
-        outputs.append(out.reshape(n * t, heads, dim).index_select(0, b.valid))
+        else:
+            out = _eager(q, k, v, b.mask, scale)
+        outputs.append(out.transpose(1, 2).reshape(n * t, heads, dim).index_select(0, b.valid))
     return torch.cat(outputs).index_select(0, tree_plan.order)[None], None
+
+
+def _eager(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """transformers' eager arithmetic for q [B, H, T, D], k/v [B, Hkv, L, D], mask [B, 1, T, L] -> [B, H, T, D].
+    The query heads g * G .. (g + 1) * G - 1 that share key head g are stacked along T, so keys are not copied."""
+    n, heads, t, dim = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    scores = torch.matmul(q.reshape(n, kv_heads, group * t, dim), k.transpose(-1, -2)) * scale
+    scores = scores.view(n, kv_heads, group, t, length).masked_fill(~mask[:, :, None], float("-inf"))
+    weights = torch.softmax(scores.view(n, kv_heads, group * t, length), dim=-1, dtype=torch.float32)
+    return torch.matmul(weights.to(q.dtype), v).view(n, heads, t, dim)
 
 
 def register() -> None:
