@@ -6,12 +6,16 @@ Path (a) awaits `handle.generate.remote(prompt_ids, sampling)` with token ids, a
 Path (b) sends the same chat request (same rendered prompt ids, same max_tokens, greedy) with the official
 `openai.AsyncOpenAI` client to `/rollout/{id}/v1/chat/completions`: HTTP, validation, chat-template render,
 the engine call, recording the transition, the OpenAI response body, and the client's own parsing.
+Path (c), the client floor, sends the same request with the same client to a server on the same HTTP stack
+(uvicorn, in the same loop) that answers at once with the body the gateway gave it: what the OpenAI client and
+HTTP cost the caller against any OpenAI-compatible server, which (b) pays and (a) does not.
+`p50_beyond_client_floor_ms` is (b) - (a) - (c) at the p50.
 
 The gateway runs as a sidecar in the caller's event loop, exactly as in a RolloutWorker (agent + gateway in
 one asyncio loop of one process). By default the model is a tiny random one so that generation is cheap and
-the overhead is visible. Sequential calls alternate (a) and (b) so that background load hits both alike;
-the concurrent run keeps `--concurrency` calls in flight per path. Prints p50/p99 per call for both paths,
-their difference and ratio, and writes benchmarks/results/gateway_overhead[_<model>].json, with the 1-minute
+the overhead is visible. Sequential calls rotate the paths' order so that background load hits all alike;
+the concurrent run keeps `--concurrency` calls in flight per path. Prints p50/p99 per call for each path,
+the differences and ratio, and writes benchmarks/results/gateway_overhead[_<model>].json, with the 1-minute
 load average after each phase and whether every recorded prompt's ids equal a render + tokenize from scratch.
 
 CPU per call, to tell what the 2 cores are spent on (other users' load does not enter these): `driver` is this
@@ -28,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import statistics
 import tempfile
 import time
@@ -83,6 +88,34 @@ def overhead(direct: dict[str, float], gateway: dict[str, float]) -> dict[str, f
     }
 
 
+async def start_floor_server(gw, rollout_id: str, messages: list, max_tokens: int):
+    """Path (c), the client's floor: an HTTP server on the gateway's HTTP stack (uvicorn, in this event loop)
+    whose every answer is the body the gateway gave this request, sent at once (no routing, render, engine or
+    record). Returns (server, its serving task, base URL)."""
+    import httpx
+    import uvicorn
+
+    request = {"model": gw.served_model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {gw.api_key}"}) as http:
+        answer = await http.post(f"{gw.base_url(rollout_id)}/chat/completions", json=request)
+    answer.raise_for_status()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(answer.content)).encode())]
+
+    async def app(scope, receive, send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": answer.content})
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # IPPROTO_TCP: NODELAY
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    return server, task, f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
 async def bench(args: argparse.Namespace, handle, cfg) -> dict:
     import openai
 
@@ -123,15 +156,27 @@ async def bench(args: argparse.Namespace, handle, cfg) -> dict:
         out = await handle.options(session_id=rollout_ids[i]).generate.remote(prompt_ids, sampling)
         return time.perf_counter() - t0, len(out["response_ids"])
 
-    for _ in range(args.warmup):
-        await direct(0)
-        await via_gateway(0)
+    floor_server, floor_task, floor_url = await start_floor_server(gw, rollout_ids[0], messages, args.tokens)
+    floor_clients = [
+        openai.AsyncOpenAI(base_url=floor_url, api_key=gw.api_key, max_retries=0) for _ in rollout_ids
+    ]
 
-    seq: dict[str, list[tuple[float, int]]] = {"direct": [], "gateway": []}
-    seq_cpu = {"direct": 0.0, "gateway": 0.0}
+    async def client_floor(i: int) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        reply = await floor_clients[i].chat.completions.create(
+            model=gw.served_model, messages=messages, max_tokens=args.tokens, temperature=0.0
+        )
+        return time.perf_counter() - t0, reply.usage.completion_tokens
+
+    paths = [("direct", direct), ("gateway", via_gateway), ("client_floor", client_floor)]
+    for _ in range(args.warmup):
+        for _, fn in paths:
+            await fn(0)
+
+    seq: dict[str, list[tuple[float, int]]] = {name: [] for name, _ in paths}
+    seq_cpu = dict.fromkeys(seq, 0.0)
     for k in range(args.calls):
-        order = [("direct", direct), ("gateway", via_gateway)]
-        for name, fn in order if k % 2 == 0 else order[::-1]:
+        for name, fn in paths[k % 3 :] + paths[: k % 3]:  # each path first, second and third in turn
             c0 = time.process_time()
             seq[name].append(await fn(0))
             seq_cpu[name] += time.process_time() - c0
@@ -162,6 +207,9 @@ async def bench(args: argparse.Namespace, handle, cfg) -> dict:
         cpu[name] = [acc + b - a for acc, a, b in zip(cpu[name], before, cpu_seconds(engine), strict=True)]
         prev_res, prev_wall = conc.get(name, ([], 0.0))
         conc[name] = (prev_res + res, prev_wall + wall)
+    c0 = time.process_time()
+    floor_res, floor_wall = await closed_loop(client_floor, total // 2)
+    floor_cpu = time.process_time() - c0
     conc_load = load_avg()
 
     recorded = [t for rid in rollout_ids for t in gw.close_rollout(rid)]
@@ -183,8 +231,10 @@ async def bench(args: argparse.Namespace, handle, cfg) -> dict:
     exact = all(t.prompt_ids == fresh_ids for t in recorded) and all(
         t.response_text == decode(tok, t.response_ids) for t in recorded
     )
-    for c in clients:
+    for c in clients + floor_clients:
         await c.close()
+    floor_server.should_exit = True
+    await floor_task
     await gw.stop()
 
     def section(results: dict[str, list[tuple[float, int]]], walls: dict[str, float] | None = None) -> dict:
@@ -200,17 +250,29 @@ async def bench(args: argparse.Namespace, handle, cfg) -> dict:
         out["overhead"] = overhead(out["direct"], out["gateway"])
         return out
 
+    def floor(rows: list[tuple[float, int]], seconds_cpu: float, wall: float | None = None) -> dict:
+        out = {"calls": len(rows), **stats_ms([r[0] for r in rows])}
+        out["driver_cpu_ms_per_call"] = ms_per_call(seconds_cpu, len(rows))
+        if wall is not None:
+            out["calls_per_s"] = round(len(rows) / wall, 1)
+        return out
+
     def ms_per_call(seconds: float, calls: int) -> float:
         return round(1000 * seconds / calls, 3)
 
     conc_calls = len(conc["direct"][0])
     thread_calls = total // 2
+    sequential = section({k: seq[k] for k in ("direct", "gateway")})
+    sequential["client_floor"] = floor(seq["client_floor"], seq_cpu.pop("client_floor"))
+    sequential["overhead"]["p50_beyond_client_floor_ms"] = round(
+        sequential["overhead"]["p50_diff_ms"] - sequential["client_floor"]["p50_ms"], 2
+    )
     return {
         "prompt_tokens": len(prompt_ids),
         "gateway_calls_recorded": len(recorded),
         "recorded_ids_exact": exact,
         "sequential": {
-            **section(seq),
+            **sequential,
             "driver_cpu_ms_per_call": {k: ms_per_call(v, args.calls) for k, v in seq_cpu.items()},
             "load_avg_1m_at_end": seq_load,
         },
@@ -226,6 +288,7 @@ async def bench(args: argparse.Namespace, handle, cfg) -> dict:
                 "driver_cpu_ms_per_call": ms_per_call(after[0] - before[0], thread_calls),
                 "engine_cpu_ms_per_call": ms_per_call(after[1] - before[1], thread_calls),
             },
+            "client_floor": floor(floor_res, floor_cpu, floor_wall),
             "load_avg_1m_at_end": conc_load,
         },
     }
