@@ -8,6 +8,11 @@ every sync and need none:
 - `RotaryEmbedding`: its only tensor is the cos/sin cache computed from the config (a non-persistent buffer
   that no checkpoint holds).
 Those two warnings are dropped; any other layer's failure still shows.
+
+Loading a checkpoint stored in float32 into an engine serving bfloat16 or float16 (`model.dtype`, which `auto`
+makes bfloat16 on hardware with native bf16) warns `Attempted to load weight ... with dtype torch.float32 into
+parameter with dtype torch.bfloat16` once per tensor at start-up: 122 lines for SmolLM2, for the cast the config
+asked for. That narrowing is dropped; any other dtype mismatch still shows.
 """
 
 from __future__ import annotations
@@ -18,6 +23,10 @@ import logging
 RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 FAILED_TO_LOAD = "%s: Failed to load weights"
 EXPECTED_LAYERS = frozenset({"ParallelLMHead", "RotaryEmbedding"})
+# Where vLLM's weight loader (vllm/model_executor/models/utils.py) logs a dtype mismatch, and its wording.
+LOADER_LOGGER = "vllm.model_executor.models.utils"
+DTYPE_MISMATCH = "Attempted to load weight %s with dtype %s into parameter with dtype %s"
+SERVED_NARROWER = frozenset({"torch.bfloat16", "torch.float16"})
 
 
 class _ExpectedLayersFilter(logging.Filter):
@@ -25,12 +34,24 @@ class _ExpectedLayersFilter(logging.Filter):
         return not (record.msg == FAILED_TO_LOAD and record.args and record.args[0] in EXPECTED_LAYERS)
 
 
-def silence_known_vllm_warnings() -> None:
-    """Install the filter on vLLM's reload logger in this process; idempotent.
+class _Float32CheckpointFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (
+            record.msg == DTYPE_MISMATCH
+            and len(args) == 3
+            and str(args[1]) == "torch.float32"
+            and str(args[2]) in SERVED_NARROWER
+        )
 
-    Call it in the vLLM worker process, where the worker extension runs and the reload logs: vLLM spawns its
-    engine and worker processes, so a filter installed in the Serve replica does not reach them.
+
+def silence_known_vllm_warnings() -> None:
+    """Install the filters on vLLM's reload and loader loggers in this process; idempotent.
+
+    Call it in the vLLM process that loads the model (the engine core, or its worker process), before the load:
+    vLLM spawns its engine and worker processes, so a filter installed in the Serve replica does not reach them.
     """
-    logger = logging.getLogger(RELOAD_LOGGER)
-    if not any(isinstance(f, _ExpectedLayersFilter) for f in logger.filters):
-        logger.addFilter(_ExpectedLayersFilter())
+    for name, kind in ((RELOAD_LOGGER, _ExpectedLayersFilter), (LOADER_LOGGER, _Float32CheckpointFilter)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())

@@ -14,11 +14,13 @@ from typing import Any
 from lightning_ray.inference.quiet import silence_known_vllm_warnings
 from lightning_ray.weights.base import Backend, Receiver, Tensors, device_identity, expect_exhausted
 
+# vLLM imports this module (`worker_extension_cls`) into the process that loads the model, before the load.
+silence_known_vllm_warnings()
+
 
 def load_in_place(worker: Any, weights: Tensors) -> int:
     """Load HF-named weights into `worker`'s model in place (streamed: `weights` may be a generator), re-tie
     the output layer to the embeddings and re-pack it on CPU; returns the number of tensors."""
-    silence_known_vllm_warnings()  # vLLM warns about the tied head and rotary cache, which need no tensors
     count = 0
 
     def counted() -> Tensors:

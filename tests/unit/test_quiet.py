@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import logging
 
-from lightning_ray.inference.quiet import FAILED_TO_LOAD, RELOAD_LOGGER, silence_known_vllm_warnings
+import torch
+
+from lightning_ray.inference.quiet import (
+    DTYPE_MISMATCH,
+    FAILED_TO_LOAD,
+    LOADER_LOGGER,
+    RELOAD_LOGGER,
+    silence_known_vllm_warnings,
+)
 
 
 def test_only_the_expected_layers_are_silenced(caplog):
@@ -19,4 +27,22 @@ def test_only_the_expected_layers_are_silenced(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "QKVParallelLinear: Failed to load weights",
         "ParallelLMHead: something else",
+    ]
+
+
+def test_only_a_float32_checkpoint_served_in_half_precision_is_silenced(caplog):
+    logger = logging.getLogger(LOADER_LOGGER)
+    silence_known_vllm_warnings()
+    silence_known_vllm_warnings()
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=LOADER_LOGGER):
+        logger.warning(DTYPE_MISMATCH, "embed_tokens.weight", torch.float32, torch.bfloat16)
+        logger.warning(DTYPE_MISMATCH, "lm_head.weight", torch.float32, torch.float16)
+        logger.warning(DTYPE_MISMATCH, "layers.0.mlp.up_proj.weight", torch.float16, torch.bfloat16)
+        logger.warning(DTYPE_MISMATCH, "layers.0.mlp.up_proj.weight", torch.float32, torch.int8)
+    assert [r.getMessage() for r in caplog.records] == [
+        "Attempted to load weight layers.0.mlp.up_proj.weight with dtype torch.float16 into parameter with "
+        "dtype torch.bfloat16",
+        "Attempted to load weight layers.0.mlp.up_proj.weight with dtype torch.float32 into parameter with "
+        "dtype torch.int8",
     ]
