@@ -125,6 +125,25 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
+def phase_estimates(modes: dict[str, dict[str, Any]], base_name: str) -> dict[str, float | None]:
+    """What each mode with K >= 1 can gain over the synchronous `base_name` if its groups take as long as the
+    base's: base step / max(R / K, L + B), with R the base's wait for a batch's groups per step, L and B the
+    mode's learner and sync seconds per step (benchmarks/README.md, "Why K = 1 stays under 1.8x here"). An
+    estimate, not a bound: replies of other lengths, or spare groups, give K >= 1 another R."""
+    base = modes[base_name].get("window")
+    out: dict[str, float | None] = {}
+    for name, m in modes.items():
+        k, w = int(name.removeprefix("K=")), m.get("window")
+        if name == base_name or k == 0:
+            continue
+        if not (base and w):
+            out[f"{name}/{base_name}"] = None
+            continue
+        step = max(base["mean_rollout_s"] / k, w["mean_learner_s"] + w["mean_broadcast_s"])
+        out[f"{name}/{base_name}"] = ratio(base["s_per_step"], step)
+    return out
+
+
 def fmt(v: Any, spec: str = ".2f") -> str:
     return "n/a" if v is None else format(v, spec)
 
