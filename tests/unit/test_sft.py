@@ -78,7 +78,7 @@ def test_sft_loss_gives_no_gradient_to_prompt_and_inserted_tokens():
     assert all(per_position[i] == 0 for i, g in enumerate(predicts_generated) if not g)
     # and the value: the mean NLL of the three generated tokens
     expected = -(logp * mask).sum() / 3
-    assert float(loss) == pytest.approx(float(expected))
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()))
 
 
 def test_sft_loss_with_a_global_denominator_sums_over_micro_batches():
