@@ -161,12 +161,8 @@ async def bench(args: argparse.Namespace, handle, cfg) -> dict:
         openai.AsyncOpenAI(base_url=floor_url, api_key=gw.api_key, max_retries=0) for _ in rollout_ids
     ]
 
-    async def client_floor(i: int) -> tuple[float, int]:
-        t0 = time.perf_counter()
-        reply = await floor_clients[i].chat.completions.create(
-            model=gw.served_model, messages=messages, max_tokens=args.tokens, temperature=0.0
-        )
-        return time.perf_counter() - t0, reply.usage.completion_tokens
+    def client_floor(i: int):
+        return via_gateway(i, floor_clients)  # the same call, to the floor server
 
     paths = [("direct", direct), ("gateway", via_gateway), ("client_floor", client_floor)]
     for _ in range(args.warmup):
@@ -237,25 +233,23 @@ async def bench(args: argparse.Namespace, handle, cfg) -> dict:
     await floor_task
     await gw.stop()
 
+    def path_stats(rows: list[tuple[float, int]], wall: float | None = None) -> dict:
+        out = {
+            "calls": len(rows),
+            **stats_ms([r[0] for r in rows]),
+            "mean_response_tokens": round(statistics.fmean(r[1] for r in rows), 1),
+        }
+        if wall is not None:
+            out["calls_per_s"] = round(len(rows) / wall, 1)
+        return out
+
     def section(results: dict[str, list[tuple[float, int]]], walls: dict[str, float] | None = None) -> dict:
-        out = {}
-        for name, rows in results.items():
-            out[name] = {
-                "calls": len(rows),
-                **stats_ms([r[0] for r in rows]),
-                "mean_response_tokens": round(statistics.fmean(r[1] for r in rows), 1),
-            }
-            if walls:
-                out[name]["calls_per_s"] = round(len(rows) / walls[name], 1)
+        out = {name: path_stats(rows, walls[name] if walls else None) for name, rows in results.items()}
         out["overhead"] = overhead(out["direct"], out["gateway"])
         return out
 
     def floor(rows: list[tuple[float, int]], seconds_cpu: float, wall: float | None = None) -> dict:
-        out = {"calls": len(rows), **stats_ms([r[0] for r in rows])}
-        out["driver_cpu_ms_per_call"] = ms_per_call(seconds_cpu, len(rows))
-        if wall is not None:
-            out["calls_per_s"] = round(len(rows) / wall, 1)
-        return out
+        return {**path_stats(rows, wall), "driver_cpu_ms_per_call": ms_per_call(seconds_cpu, len(rows))}
 
     def ms_per_call(seconds: float, calls: int) -> float:
         return round(1000 * seconds / calls, 3)
