@@ -1,28 +1,28 @@
 """Gateway overhead per LLM call: the engine through the Ray Serve handle vs the same request through the gateway.
 
-    python benchmarks/gateway_overhead.py [--calls 200] [--concurrency 16] [--tokens 16] [--model builtin:...]
+    python -m benchmarks.gateway_overhead [--calls 200] [--concurrency 16] [--tokens 16] [--model builtin:...]
 
-Path (a) awaits `handle.generate.remote(prompt_ids, sampling)` with token ids, as the gateway itself does.
-Path (b) sends the same chat request (same rendered prompt ids, same max_tokens, greedy) with the official
-`openai.AsyncOpenAI` client to `/rollout/{id}/v1/chat/completions`: HTTP, validation, chat-template render,
-the engine call, recording the transition, the OpenAI response body, and the client's own parsing.
-Path (c), the client floor, sends the same request with the same client to a server on the same HTTP stack
-(uvicorn, in the same loop) that answers at once with the body the gateway gave it: what the OpenAI client and
-HTTP cost the caller against any OpenAI-compatible server, which (b) pays and (a) does not.
+(a) `direct` awaits `handle.generate.remote(prompt_ids, sampling)` with token ids, as the gateway itself does.
+(b) `gateway` sends the same chat request (same prompt ids, max_tokens, greedy) with the official
+`openai.AsyncOpenAI` client to `/rollout/{id}/v1/chat/completions`: HTTP, validation, render, the engine call,
+recording, the response body and the client's own parsing.
+(c) `client_floor`: the same client and request against a uvicorn server in the same loop that answers at once
+with the gateway's body: what the client costs against any OpenAI-compatible server. The overhead's
 `p50_beyond_client_floor_ms` is (b) - (a) - (c) at the p50.
+(d) `vllm_openai`, the peer: the same client and request, asking for log-probs and token ids, to vLLM's own
+OpenAI server with the deployment's engine settings (`vllm_openai_server.py`): an agent pointed at vLLM with no
+gateway and no Serve. `gateway_vs_vllm_openai` compares (b) with (d).
 
-The gateway runs as a sidecar in the caller's event loop, exactly as in a RolloutWorker (agent + gateway in
-one asyncio loop of one process). By default the model is a tiny random one so that generation is cheap and
-the overhead is visible. Sequential calls rotate the paths' order so that background load hits all alike;
-the concurrent run keeps `--concurrency` calls in flight per path. Prints p50/p99 per call for each path,
-the differences and ratio, and writes benchmarks/results/gateway_overhead[_<model>].json, with the 1-minute
-load average after each phase and whether every recorded prompt's ids equal a render + tokenize from scratch.
+The gateway is a sidecar in the caller's event loop, as in a RolloutWorker. The default model is a tiny random
+one, so that the overhead is visible. Sequential calls rotate the paths' order so that background load hits all
+alike; the concurrent run keeps `--concurrency` calls in flight, one path at a time. Prints and writes
+benchmarks/results/gateway_overhead[_<model>].json: p50/p99 per path, differences, ratios, the load average
+after each phase, and whether every recorded prompt's ids equal a render + tokenize from scratch.
 
-CPU per call, to tell what the 2 cores are spent on (other users' load does not enter these): `driver` is this
-process (the agent's OpenAI client, the sidecar gateway, the Serve handle), `engine` the Ray processes this run
-started (vLLM, its replica, Serve). A last phase runs the same concurrent calls through a second gateway on an
-event loop in a thread of its own, whose thread CPU clock is the gateway's own CPU per call (HTTP server,
-routing, render, record, the handle call); the rest of the path's driver CPU is the client's.
+CPU per call (other users' load does not enter it): `driver` is this process (client, sidecar gateway, Serve
+handle), `engine` the Ray processes this run started (vLLM, its replica, Serve), for (d) vLLM's server and its
+engine. A last phase sends the concurrent calls through a gateway on a thread of its own, whose CPU clock is
+the gateway's own CPU per call (HTTP server, routing, render, record, its side of the handle call).
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+from benchmarks.vllm_openai_server import start_vllm_openai, stop_vllm_openai
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -116,14 +118,16 @@ async def start_floor_server(gw, rollout_id: str, messages: list, max_tokens: in
     return server, task, f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
 
 
-async def bench(args: argparse.Namespace, handle, cfg) -> dict:
+async def bench(args: argparse.Namespace, handle, cfg, peer: psutil.Process, peer_url: str) -> dict:
     import openai
 
     from lightning_ray.gateway import start_gateway, start_gateway_thread
     from lightning_ray.gateway.render import decode, encode, render_chat
 
-    # The Ray processes this run started (engine, replica, Serve); ray.init made them children of this one.
-    engine = psutil.Process().children(recursive=True)
+    # The Ray processes this run started (engine, replica, Serve): ray.init made them children of this one, as
+    # start_vllm_openai made the peer's server, which is counted apart.
+    peer_tree = [peer, *peer.children(recursive=True)]
+    engine = [p for p in psutil.Process().children(recursive=True) if p not in peer_tree]
     gw = await start_gateway(cfg, handle=handle)
     messages = [{"role": "user", "content": QUESTION}]
     sampling = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": args.tokens}
@@ -140,10 +144,10 @@ async def bench(args: argparse.Namespace, handle, cfg) -> dict:
 
     clients = openai_clients(gw)
 
-    async def via_gateway(i: int, through: list | None = None) -> tuple[float, int]:
+    async def via_gateway(i: int, through: list | None = None, **extra) -> tuple[float, int]:
         t0 = time.perf_counter()
         reply = await (through or clients)[i].chat.completions.create(
-            model=gw.served_model, messages=messages, max_tokens=args.tokens, temperature=0.0
+            model=gw.served_model, messages=messages, max_tokens=args.tokens, temperature=0.0, **extra
         )
         return time.perf_counter() - t0, reply.usage.completion_tokens
 
@@ -164,7 +168,28 @@ async def bench(args: argparse.Namespace, handle, cfg) -> dict:
     def client_floor(i: int):
         return via_gateway(i, floor_clients)  # the same call, to the floor server
 
-    paths = [("direct", direct), ("gateway", via_gateway), ("client_floor", client_floor)]
+    peer_clients = [
+        openai.AsyncOpenAI(base_url=peer_url, api_key="EMPTY", max_retries=0) for _ in rollout_ids
+    ]
+
+    def vllm_openai(i: int):
+        """The same call to vLLM's own server, asking for what training needs and the gateway records: the
+        sampled tokens' log-probs and the token ids (as a proxy in front of vLLM, e.g. Agent Lightning's, asks)."""
+        return via_gateway(i, peer_clients, logprobs=True, extra_body={"return_token_ids": True})
+
+    peer_reply = await peer_clients[0].chat.completions.create(
+        model=gw.served_model,
+        messages=messages,
+        max_tokens=args.tokens,
+        temperature=0.0,
+        extra_body={"return_token_ids": True},
+    )
+    paths = [
+        ("direct", direct),
+        ("gateway", via_gateway),
+        ("client_floor", client_floor),
+        ("vllm_openai", vllm_openai),
+    ]
     for _ in range(args.warmup):
         for _, fn in paths:
             await fn(0)
@@ -172,7 +197,7 @@ async def bench(args: argparse.Namespace, handle, cfg) -> dict:
     seq: dict[str, list[tuple[float, int]]] = {name: [] for name, _ in paths}
     seq_cpu = dict.fromkeys(seq, 0.0)
     for k in range(args.calls):
-        for name, fn in paths[k % 3 :] + paths[: k % 3]:  # each path first, second and third in turn
+        for name, fn in paths[k % len(paths) :] + paths[: k % len(paths)]:  # each path in each place in turn
             c0 = time.process_time()
             seq[name].append(await fn(0))
             seq_cpu[name] += time.process_time() - c0
@@ -192,15 +217,20 @@ async def bench(args: argparse.Namespace, handle, cfg) -> dict:
         return results, time.perf_counter() - t0
 
     conc: dict[str, tuple[list[tuple[float, int]], float]] = {}
-    cpu = {"direct": [0.0, 0.0], "gateway": [0.0, 0.0]}  # [driver, engine] CPU seconds
+    measured = [
+        ("direct", direct, engine),
+        ("gateway", via_gateway, engine),
+        ("vllm_openai", vllm_openai, peer_tree),
+    ]
+    cpu = {name: [0.0, 0.0] for name, _, _ in measured}  # [driver, engine] CPU seconds
     total = args.concurrent_calls
-    await closed_loop(direct, n_clients)  # warm the batch path
-    await closed_loop(via_gateway, n_clients)
+    for _, fn, _ in measured:
+        await closed_loop(fn, n_clients)  # warm the batch path
     # Two rounds per path, alternating, pooled.
-    for name, fn in [("direct", direct), ("gateway", via_gateway)] * 2:
-        before = cpu_seconds(engine)
+    for name, fn, procs in measured * 2:
+        before = cpu_seconds(procs)
         res, wall = await closed_loop(fn, total // 2)
-        cpu[name] = [acc + b - a for acc, a, b in zip(cpu[name], before, cpu_seconds(engine), strict=True)]
+        cpu[name] = [acc + b - a for acc, a, b in zip(cpu[name], before, cpu_seconds(procs), strict=True)]
         prev_res, prev_wall = conc.get(name, ([], 0.0))
         conc[name] = (prev_res + res, prev_wall + wall)
     c0 = time.process_time()
@@ -227,7 +257,7 @@ async def bench(args: argparse.Namespace, handle, cfg) -> dict:
     exact = all(t.prompt_ids == fresh_ids for t in recorded) and all(
         t.response_text == decode(tok, t.response_ids) for t in recorded
     )
-    for c in clients + floor_clients:
+    for c in clients + floor_clients + peer_clients:
         await c.close()
     floor_server.should_exit = True
     await floor_task
@@ -246,6 +276,12 @@ async def bench(args: argparse.Namespace, handle, cfg) -> dict:
     def section(results: dict[str, list[tuple[float, int]]], walls: dict[str, float] | None = None) -> dict:
         out = {name: path_stats(rows, walls[name] if walls else None) for name, rows in results.items()}
         out["overhead"] = overhead(out["direct"], out["gateway"])
+        out["gateway_vs_vllm_openai"] = overhead(out["vllm_openai"], out["gateway"])
+        if walls:
+            for key, base in (("overhead", "direct"), ("gateway_vs_vllm_openai", "vllm_openai")):
+                out[key]["throughput_ratio"] = round(
+                    out["gateway"]["calls_per_s"] / out[base]["calls_per_s"], 3
+                )
         return out
 
     def floor(rows: list[tuple[float, int]], seconds_cpu: float, wall: float | None = None) -> dict:
@@ -256,13 +292,14 @@ async def bench(args: argparse.Namespace, handle, cfg) -> dict:
 
     conc_calls = len(conc["direct"][0])
     thread_calls = total // 2
-    sequential = section({k: seq[k] for k in ("direct", "gateway")})
+    sequential = section({k: seq[k] for k in ("direct", "gateway", "vllm_openai")})
     sequential["client_floor"] = floor(seq["client_floor"], seq_cpu.pop("client_floor"))
     sequential["overhead"]["p50_beyond_client_floor_ms"] = round(
         sequential["overhead"]["p50_diff_ms"] - sequential["client_floor"]["p50_ms"], 2
     )
     return {
         "prompt_tokens": len(prompt_ids),
+        "vllm_openai_same_prompt_ids": peer_reply.model_extra.get("prompt_token_ids") == prompt_ids,
         "gateway_calls_recorded": len(recorded),
         "recorded_ids_exact": exact,
         "sequential": {
@@ -325,14 +362,21 @@ def main() -> None:
         check_files=False,
     )
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    peer = None
     try:
         t0 = time.perf_counter()
         handle = deploy_inference(model_dir, cfg.model, cfg.inference)
         start_s = time.perf_counter() - t0
-        measured = asyncio.run(bench(args, handle, cfg))
+        served_name = handle.model_info.remote().result()["model"]
+        t0 = time.perf_counter()
+        peer, peer_url = start_vllm_openai(model_dir, cfg, served_name, Path(tmp.name) / "vllm_openai.log")
+        peer_start_s = time.perf_counter() - t0
+        measured = asyncio.run(bench(args, handle, cfg, psutil.Process(peer.pid), peer_url))
     finally:
         from ray import serve
 
+        if peer is not None:
+            stop_vllm_openai(peer)
         serve.shutdown()
         ray.shutdown()
         tmp.cleanup()
@@ -343,11 +387,12 @@ def main() -> None:
         "greedy": True,
         **measured,
         "engine_start_s": round(start_s, 1),
+        "vllm_openai_start_s": round(peer_start_s, 1),
         "gateway_placement": "sidecar in the caller's event loop (as in a RolloutWorker)",
         "machine": f"{os.cpu_count()} CPU cores",
         "load_avg_1m_before_after": [load_before, load_avg()],
         "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()) + " UTC",
-        "command": "python benchmarks/gateway_overhead.py "
+        "command": "python -m benchmarks.gateway_overhead "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
     }
     print(json.dumps(result, indent=2))
