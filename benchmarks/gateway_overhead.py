@@ -144,11 +144,15 @@ async def bench(args: argparse.Namespace, handle, cfg, peer: psutil.Process, pee
 
     clients = openai_clients(gw)
 
-    async def via_gateway(i: int, through: list | None = None, **extra) -> tuple[float, int]:
-        t0 = time.perf_counter()
-        reply = await (through or clients)[i].chat.completions.create(
+    async def chat(client, **extra):
+        """The request every OpenAI-client path sends."""
+        return await client.chat.completions.create(
             model=gw.served_model, messages=messages, max_tokens=args.tokens, temperature=0.0, **extra
         )
+
+    async def via_gateway(i: int, through: list | None = None, **extra) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        reply = await chat((through or clients)[i], **extra)
         return time.perf_counter() - t0, reply.usage.completion_tokens
 
     # One gateway call tells us exactly the prompt ids the engine sees, so path (a) sends the same request.
@@ -172,18 +176,14 @@ async def bench(args: argparse.Namespace, handle, cfg, peer: psutil.Process, pee
         openai.AsyncOpenAI(base_url=peer_url, api_key="EMPTY", max_retries=0) for _ in rollout_ids
     ]
 
-    def vllm_openai(i: int):
-        """The same call to vLLM's own server, asking for what training needs and the gateway records: the
-        sampled tokens' log-probs and the token ids (as a proxy in front of vLLM, e.g. Agent Lightning's, asks)."""
-        return via_gateway(i, peer_clients, logprobs=True, extra_body={"return_token_ids": True})
+    # What training needs and the gateway records, asked of vLLM's own server: the sampled tokens' log-probs
+    # and the token ids (as a proxy in front of vLLM, e.g. Agent Lightning's, asks).
+    peer_extra = {"logprobs": True, "extra_body": {"return_token_ids": True}}
 
-    peer_reply = await peer_clients[0].chat.completions.create(
-        model=gw.served_model,
-        messages=messages,
-        max_tokens=args.tokens,
-        temperature=0.0,
-        extra_body={"return_token_ids": True},
-    )
+    def vllm_openai(i: int):
+        return via_gateway(i, peer_clients, **peer_extra)  # the same call, to vLLM's own server
+
+    peer_reply = await chat(peer_clients[0], **peer_extra)
     paths = [
         ("direct", direct),
         ("gateway", via_gateway),
