@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import openai
 import pytest
 
 import lightning_ray as lr
@@ -61,6 +62,47 @@ def test_an_agent_runs_on_its_own_thread_with_its_rollouts_sink_and_capture(agen
     assert outcome.error is None and outcome.value == "agent-r1"
     assert len(sink.rewards) == 1
     assert "says 7" in logs
+
+
+def test_openai_answers_first_parsed_on_many_agent_threads_at_once_all_parse():
+    """openai builds its response models on first use (pydantic `defer_build`); agents run on threads of their
+    own, so a fresh worker's first answers are parsed on several threads at once. Before pydantic 2.14 that
+    build raced (pydantic#11849): one agent in ~8 CI runs failed with "BaseModel cannot be instantiated
+    directly". Each round here is a fresh pair of openai models that 8 agents parse at the same moment, with
+    the interpreter switching threads as often as it can; on pydantic 2.13.4 it failed 6 runs of 6."""
+    rounds, agents = 200, 8
+    models = []
+    for k in range(rounds):
+        token = type(f"Token{k}", (openai.BaseModel,), {"__annotations__": {"id": int, "logprob": float}})
+        fields = {"tokens": list[token], "finish_reason": str | None}
+        models.append(type(f"Choice{k}", (openai.BaseModel,), {"__annotations__": fields}))
+    barriers = [threading.Barrier(agents) for _ in range(rounds)]
+    answer = {"tokens": [{"id": 1, "logprob": -0.5}], "finish_reason": "length", "extra": {"x": 1}}
+
+    def agent(i):
+        errors = []
+        for model, barrier in zip(models, barriers, strict=True):
+            barrier.wait(timeout=10)
+            try:
+                model.construct(**answer)  # what openai does with every answer (`_models.construct_type`)
+                model.model_validate(answer)
+            except Exception as e:
+                errors.append(repr(e)[:200])
+        return errors
+
+    async def main():
+        return await asyncio.gather(
+            *(AgentThread(agent, i, name=f"agent-{i}").wait(60) for i in range(agents))
+        )
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        outcomes = asyncio.run(main())
+    finally:
+        sys.setswitchinterval(interval)
+    assert [o.error for o in outcomes] == [None] * agents
+    assert [e for o in outcomes for e in o.value] == []
 
 
 @pytest.mark.parametrize("exc", [SystemExit(3), KeyboardInterrupt(), asyncio.CancelledError()])
