@@ -5,6 +5,11 @@ sent again, up to `inference.request_retries` times: a streamed call only while 
 The failed attempt leaves nothing behind (calls are recorded from the answer only, with the policy version
 the answering replica reported). After the retries the call fails with 503 `inference_replica_lost`.
 
+Calls go to the replica over Serve's gRPC channel (`_by_reference=False`), not as Ray actor calls whose answers
+pass through the object store: the answers are small (ids and log-probs), and the channel costs about half the
+caller's and the replica's CPU per call (`benchmarks/serve_transport.py`). A replica lost on it surfaces as the
+same `RayActorError` (Serve maps the channel's UNAVAILABLE to `ActorUnavailableError`), so the retries hold.
+
 Roles in `rollout.frozen_agents` are served by a second deployment of the same model at its starting weights
 (`FROZEN_APP_NAME`, which never receives a weight broadcast); every other role by the live, trained policy.
 """
@@ -53,6 +58,11 @@ def _first_line(err: BaseException) -> str:
     return lines[0][:500] if lines else ""
 
 
+def over_grpc(handle: Any) -> Any:
+    """`handle`, calling its replicas over Serve's gRPC channel instead of as actor calls."""
+    return handle.options(_by_reference=False)
+
+
 class Engine:
     """Calls `InferenceServer` through a handle; `session_id=rollout_id` keeps a rollout on one replica.
 
@@ -73,11 +83,11 @@ class Engine:
         frozen_app_name: str = FROZEN_APP_NAME,
     ):
         self.retries = retries
-        self.handle = handle if handle is not None else inference_handle(app_name)
+        self.handle = over_grpc(handle if handle is not None else inference_handle(app_name))
         self.frozen_agents = frozenset(frozen_agents)
         if self.frozen_agents and frozen_handle is None:
             frozen_handle = inference_handle(frozen_app_name)
-        self.frozen_handle = frozen_handle
+        self.frozen_handle = over_grpc(frozen_handle) if frozen_handle is not None else None
 
     def handle_for(self, role: str | None) -> Any:
         """The deployment that serves `role`: the frozen snapshot for a frozen role, else the live policy."""
