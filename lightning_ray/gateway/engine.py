@@ -8,7 +8,9 @@ the answering replica reported). After the retries the call fails with 503 `infe
 Calls go to the replica over Serve's gRPC channel (`_by_reference=False`), not as Ray actor calls whose answers
 pass through the object store: the answers are small (ids and log-probs), and the channel costs about half the
 caller's and the replica's CPU per call (`benchmarks/serve_transport.py`). A replica lost on it surfaces as the
-same `RayActorError` (Serve maps the channel's UNAVAILABLE to `ActorUnavailableError`), so the retries hold.
+same `RayActorError` (Serve maps the channel's UNAVAILABLE to `ActorUnavailableError`), so the retries hold. A
+request is its prompt ids: 128k of them pickle to 0.4 MB, under the replica's 4 MB message limit
+(`RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH`).
 
 Roles in `rollout.frozen_agents` are served by a second deployment of the same model at its starting weights
 (`FROZEN_APP_NAME`, which never receives a weight broadcast); every other role by the live, trained policy.
