@@ -17,8 +17,9 @@ gateway and no Serve. `gateway_vs_vllm_openai` compares (b) with (d).
 The gateway is a sidecar in the caller's event loop, as in a RolloutWorker. The default model is a tiny random
 one, so that the overhead is visible. Sequential calls rotate the paths' order so that background load hits all
 alike; the concurrent run keeps `--concurrency` calls in flight, one path at a time. Prints and writes
-benchmarks/results/gateway_overhead[_<model>].json: p50/p99 per path, differences, ratios, the load average
-after each phase, and whether every recorded prompt's ids equal a render + tokenize from scratch.
+benchmarks/results/gateway_overhead[_<model>][_tokens<N>].json (`--tokens 1` leaves the engine little to do, so
+the sequential differences stand out of its noise): p50/p99 per path, differences, ratios, the load average after
+each phase, and whether every recorded prompt's ids equal a render + tokenize from scratch.
 
 CPU per call (other users' load does not enter it): `driver` is this process (client, sidecar gateway, Serve
 handle), `engine` the Ray processes this run started (vLLM, its replica, Serve), for (d) vLLM's server and its
@@ -401,6 +402,7 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     suffix = "" if args.model == "tiny" else "_" + args.model.removeprefix("builtin:").replace("/", "_")
+    suffix += "" if args.tokens == 16 else f"_tokens{args.tokens}"
     out = Path(__file__).parent / "results" / f"gateway_overhead{suffix}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
 
