@@ -2,7 +2,7 @@
 
     python -m benchmarks.gateway_overhead [--calls 200] [--concurrency 16] [--tokens 16] [--model builtin:...]
 
-(a) `direct` awaits the engine call with token ids exactly as the gateway makes it (`gateway.engine.Engine`:
+(a) `direct` awaits the gateway's own engine call with token ids (`gw.state.engine`, a `gateway.engine.Engine`:
 the handle, sticky per rollout, over Serve's gRPC channel).
 (b) `gateway` sends the same chat request (same prompt ids, max_tokens, greedy) with the official
 `openai.AsyncOpenAI` client to `/rollout/{id}/v1/chat/completions`: HTTP, validation, render, the engine call,
@@ -124,7 +124,6 @@ async def bench(args: argparse.Namespace, handle, cfg, peer: psutil.Process, pee
     import openai
 
     from lightning_ray.gateway import start_gateway, start_gateway_thread
-    from lightning_ray.gateway.engine import Engine
     from lightning_ray.gateway.render import decode, encode, render_chat
 
     # The Ray processes this run started (engine, replica, Serve): ray.init made them children of this one, as
@@ -162,11 +161,9 @@ async def bench(args: argparse.Namespace, handle, cfg, peer: psutil.Process, pee
     await via_gateway(0)
     prompt_ids = gw.transitions(rollout_ids[0])[-1].prompt_ids
 
-    as_gateway = Engine(handle)
-
     async def direct(i: int) -> tuple[float, int]:
         t0 = time.perf_counter()
-        out = await as_gateway.generate(rollout_ids[i], prompt_ids, sampling)
+        out = await gw.state.engine.generate(rollout_ids[i], prompt_ids, sampling)
         return time.perf_counter() - t0, len(out["response_ids"])
 
     floor_server, floor_task, floor_url = await start_floor_server(gw, rollout_ids[0], messages, args.tokens)

@@ -25,6 +25,7 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from benchmarks.gateway_overhead import cpu_seconds, load_avg
 from lightning_ray.gateway.engine import over_grpc
 from lightning_ray.inference.server import STICKY_ROUTER
 
@@ -51,11 +52,6 @@ class Answerer:
         return {**ANSWER, "prompt_ids": prompt_ids}
 
 
-def cpu_s(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
-
-
 async def measure(handle, replica: psutil.Process, calls: int, concurrency: int) -> dict[str, float]:
     """Latency p50, calls/s and CPU per call of `calls` calls, `concurrency` in flight, 16 sticky sessions."""
     gate, latencies, prompt = asyncio.Semaphore(concurrency), [], list(range(40))
@@ -66,15 +62,14 @@ async def measure(handle, replica: psutil.Process, calls: int, concurrency: int)
             await handle.options(session_id=f"rollout-{i % 16}").generate.remote(prompt, {"temperature": 1.0})
             latencies.append(time.perf_counter() - t0)
 
-    me = psutil.Process()
-    t0, caller0, replica0 = time.perf_counter(), cpu_s(me), cpu_s(replica)
+    t0, (caller0, replica0) = time.perf_counter(), cpu_seconds([replica])
     await asyncio.gather(*(one(i) for i in range(calls)))
-    wall = time.perf_counter() - t0
+    wall, (caller1, replica1) = time.perf_counter() - t0, cpu_seconds([replica])
     return {
         "p50_ms": statistics.median(latencies) * 1000,
         "calls_per_s": calls / wall,
-        "caller_cpu_ms": (cpu_s(me) - caller0) / calls * 1000,
-        "replica_cpu_ms": (cpu_s(replica) - replica0) / calls * 1000,
+        "caller_cpu_ms": (caller1 - caller0) / calls * 1000,
+        "replica_cpu_ms": (replica1 - replica0) / calls * 1000,
     }
 
 
@@ -97,7 +92,7 @@ async def run(handle, args) -> dict:
         section["grpc_over_actor"] = {
             k: round(section["grpc"][k] / section["actor"][k], 3) for k in section["actor"]
         }
-        section["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
+        section["load_avg_1m_at_end"] = load_avg()
         out[phase] = section
     return out
 
@@ -108,7 +103,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds the calls are split into")
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
-    load_before = os.getloadavg()[0]
+    load_before = load_avg()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         handle = serve.run(Answerer.bind(), name="serve-transport", route_prefix=None)
@@ -119,7 +114,7 @@ def main() -> None:
     result.update(
         ray_version=ray.__version__,
         machine=f"{os.cpu_count()} CPU cores",
-        load_avg_1m_before_after=[round(load_before, 2), round(os.getloadavg()[0], 2)],
+        load_avg_1m_before_after=[load_before, load_avg()],
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         command=f"python -m benchmarks.serve_transport --calls {args.calls} --rounds {args.rounds} "
         f"--concurrency {args.concurrency}",
