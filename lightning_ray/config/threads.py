@@ -9,7 +9,9 @@ they idle: the engines share the cores, and so do the learner's ranks. With `max
 at once and share the cores between them: threads that outnumber the cores wait on each other at every OpenMP
 barrier. On 2 cores, an engine thread beside a two-thread learner left K = 1 at 0.94x the synchronous samples/s
 (2026-12-01); one thread each, as `auto` gives, 1.17-1.96x in three runs, 1.31-1.61x per learner token
-(benchmarks/results/async_pipeline*.json, 2026-12-02).
+(benchmarks/results/async_pipeline*.json, 2026-12-02). A two-thread learner in the background instead
+(SCHED_IDLE, computing on what the engine leaves idle) was no faster in the loop: 1.53-1.82x, the learner at
+0.67-0.68x the synchronous one's tokens per second as with one thread (benchmarks/README.md, 2026-12-03).
 """
 
 from __future__ import annotations
