@@ -56,6 +56,8 @@ def measure(run_dir: Path, step_at: dict[int, float], steps: int) -> dict[str, A
                 "reward_mean": _round(r.get("rollout/reward_mean")),
                 **{f"{p}_busy_frac": _round(r.get(f"time/{p}_busy_frac")) for p in BUSY},
                 **{k: _round(v) for k, v in r.items() if k.startswith(("staleness/", "ledger/"))},
+                "prompt_tokens_computed": r.get("inference/prompt_tokens_computed"),
+                "prefix_cache_hit_frac": _round(r.get("inference/prefix_cache_hit_frac")),
             }
         )
     out: dict[str, Any] = {"steps_logged": len(rows), "steps": per_step}
@@ -94,6 +96,9 @@ def measure(run_dir: Path, step_at: dict[int, float], steps: int) -> dict[str, A
             (p["staleness/max"] for p in win if p.get("staleness/max") is not None), default=None
         ),
         "ledger": ledger,
+        # what the engines computed of the prompts: a weight update empties their prefix caches
+        "prompt_tokens_computed_per_step": _mean([p["prompt_tokens_computed"] for p in win]),
+        "prefix_cache_hit_frac": _mean([p["prefix_cache_hit_frac"] for p in win]),
     }
     return out
 

@@ -9,6 +9,9 @@ from pydantic import Field, field_validator, model_validator
 
 from lightning_ray.config.sections import Placement, Section
 
+# KV block size of a CPU engine under `inference.block_size: auto` (see that field).
+CPU_BLOCK_SIZE = 32
+
 
 class SamplingConfig(Section):
     """How the policy samples: the one list of sampling settings, from the YAML to the engine.
@@ -101,6 +104,12 @@ class InferenceConfig(Section):
     max_num_seqs: int = Field(64, gt=0)
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    block_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        "auto",
+        description="Tokens per KV-cache block, the unit the prefix cache reuses. 'auto': 32 on a CPU engine "
+        "(vLLM's CPU default, 128, recomputes up to 127 tokens of every prompt it has already seen: a group's "
+        "shared prompt, a conversation's earlier turns), vLLM's own default on GPU.",
+    )
     enforce_eager: bool = True
     engine_threads: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
         1,
@@ -210,6 +219,12 @@ class InferenceConfig(Section):
         if "num_replicas" in self.model_fields_set:
             return {"initial_replicas": self.num_replicas, **self.autoscaling}
         return dict(self.autoscaling)
+
+    def engine_block_size(self) -> int | None:
+        """The KV block size an engine is started with (None: vLLM's default)."""
+        if self.block_size != "auto":
+            return self.block_size
+        return CPU_BLOCK_SIZE if self.num_gpus_per_replica == 0 else None
 
     def starting_replicas(self) -> int:
         """How many replicas Serve starts the deployment with."""

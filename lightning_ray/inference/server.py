@@ -34,6 +34,17 @@ DEPLOYMENT_NAME = "InferenceServer"
 STICKY_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
 
 
+def whole_prompt_steps(icfg: InferenceConfig) -> dict[str, Any]:
+    """A CPU engine never splits a prompt across engine steps (no chunked prefill). For the token a partial
+    prefill samples and throws away, vLLM (0.32) rewinds a seeded request's generator by an offset only CUDA
+    generators have: a CPU one raises "CPU Generator does not use offset" and the engine dies, for any agent that
+    sends a `seed` while prompts queue up. A step's token budget then holds the longest prompt at least, and
+    never less than vLLM's CPU default (4096)."""
+    if icfg.num_gpus_per_replica:
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(icfg.max_model_len, 4096)}
+
+
 class InferenceServer:
     """One vLLM engine. Used as a Ray Serve deployment (see `inference_app`).
 
@@ -58,6 +69,8 @@ class InferenceServer:
             tensor_parallel_size=icfg.tensor_parallel_size,
             gpu_memory_utilization=icfg.gpu_memory_utilization,
             enable_prefix_caching=True,
+            block_size=icfg.engine_block_size(),
+            **whole_prompt_steps(icfg),
             worker_extension_cls=f"{WeightReceiverExtension.__module__}.{WeightReceiverExtension.__name__}",
             distributed_executor_backend=executor_backend(icfg),
         )
@@ -67,6 +80,7 @@ class InferenceServer:
         self.replica = _replica_name()
         self._inflight = 0
         self.busy = BusyTime()
+        self.prompt_tokens = self.cached_prompt_tokens = 0  # running totals over every engine request
         self._drained = asyncio.Event()
         self._drained.set()
         self._open = asyncio.Event()
@@ -107,10 +121,17 @@ class InferenceServer:
         if self._inflight == 0:
             self._drained.set()
 
-    def busy_seconds(self) -> float:
-        """Seconds this engine had at least one request in flight, since it started (a running total, so the
-        driver takes differences)."""
-        return self.busy.seconds()
+    def load_totals(self) -> dict[str, float]:
+        """Running totals since this engine started (the driver takes differences): `busy_s`, the seconds it had
+        at least one request in flight; `prompt_tokens` its requests' prompts held, and `cached_prompt_tokens`
+        the part of them its prefix cache already had. The rest was computed: a weight update empties the
+        cache, so every conversation that spans one computes its whole context again on its next call (and
+        each resumed request under `on_update: interrupt` counts its prompt again)."""
+        return {
+            "busy_s": self.busy.seconds(),
+            "prompt_tokens": self.prompt_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+        }
 
     def _check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -185,10 +206,15 @@ class InferenceServer:
 
         params = sampling_params(sampling, stream=True)
         version = self.version
+        counted = False
         try:
             async for out in self.engine.generate(
                 TokensPrompt(prompt_token_ids=list(context)), params, request_id
             ):
+                if not counted:
+                    self.prompt_tokens += len(context)
+                    self.cached_prompt_tokens += out.num_cached_tokens or 0
+                    counted = True
                 completion = out.outputs[0]
                 ids = list(completion.token_ids)
                 lps = [entry[tok].logprob for tok, entry in zip(ids, completion.logprobs or [], strict=True)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -87,6 +89,47 @@ def test_update_waits_for_in_flight_requests(inference, tiny_model_dir):
     assert out["policy_version"] == version
     assert res["policy_version"] == version + 1
     assert inference.generate.remote(PROMPT, GREEDY).result()["policy_version"] == version + 1
+
+
+def test_seeded_requests_whose_prompts_queue_up_do_not_kill_a_cpu_engine(inference):
+    """12 seeded requests of 700 prompt tokens at once: more than one engine step's token budget. With chunked
+    prefill vLLM split a prompt across steps and rewound its seeded CPU generator, which has no offset: the engine
+    died ("CPU Generator does not use offset"). Each prompt now runs whole, and each seed still decides its sample."""
+    prompts = [[10 + (31 * i + 7 * j) % 4000 for j in range(700)] for i in range(12)]
+    sampling = {"temperature": 1.0, "max_tokens": 8}
+
+    async def run() -> list[dict[str, Any]]:
+        calls = [inference.generate.remote(p, {**sampling, "seed": i}) for i, p in enumerate(prompts)]
+        return await asyncio.gather(*calls)
+
+    outs = asyncio.run(run())
+    assert [len(o["response_ids"]) for o in outs] == [8] * 12
+    again = inference.generate.remote(prompts[3], {**sampling, "seed": 3}).result()
+    assert again["response_ids"] == outs[3]["response_ids"]
+
+
+def test_prompt_token_totals_count_prefix_cache_hits_and_the_reset_of_an_update(inference, tiny_model_dir):
+    """The replica's running totals for the step metrics: a prompt sent again is mostly in the prefix cache (to
+    the last whole block before its final token), and after a weight update, which empties the cache, it is
+    computed again in full."""
+    prompt = [10 + (37 * i) % 4000 for i in range(300)]  # this test's own: no other test cached it
+
+    def grown(call: Callable[[], Any]) -> tuple[int, int]:
+        before = inference.load_totals.remote().result()
+        call()
+        after = inference.load_totals.remote().result()
+        assert after["busy_s"] > before["busy_s"]
+        return tuple(after[k] - before[k] for k in ("prompt_tokens", "cached_prompt_tokens"))
+
+    def generate() -> None:
+        inference.generate.remote(prompt, GREEDY).result()
+
+    assert grown(generate) == (300, 0)
+    again, cached = grown(generate)
+    assert again == 300 and 0 < cached < 300
+    version = inference.policy_version.remote().result()
+    push_state(inference, ray.put(load_file(str(tiny_model_dir / "model.safetensors"))), version + 1)
+    assert grown(generate) == (300, 0)
 
 
 @pytest.fixture(scope="module")

@@ -113,6 +113,8 @@ def test_k1_never_trains_a_token_older_than_one_version(inference, tiny_config, 
     assert any(rows[s].get("staleness/tokens_behind_1", 0) > 0 for s in range(2, 5))
     assert_every_rollout_ends_once(run_dir, 4, cfg.trainer.tasks_per_step, cfg.trainer.max_staleness)
     assert rows[4]["time/inference_busy_frac"] > 0 and rows[4]["time/agents_busy_frac"] > 0
+    assert all(rows[s]["inference/prompt_tokens_computed"] > 0 for s in range(1, 5))
+    assert all(0 <= rows[s]["inference/prefix_cache_hit_frac"] <= 1 for s in range(1, 5))
 
 
 @pytest.mark.slow  # CI time: covered by a faster test of the same part

@@ -150,6 +150,17 @@ def test_tensor_parallel_needs_gpus(tmp_path):
         load_config(write(tmp_path, "inference: {tensor_parallel_size: 2}\n"), check_files=False)
 
 
+def test_kv_block_size_auto_is_finer_on_cpu_than_vllms_default():
+    def engine_block(*overrides: str) -> int | None:
+        return load_config(None, list(overrides), check_files=False).inference.engine_block_size()
+
+    assert engine_block() == 32  # vLLM's CPU default is 128
+    assert engine_block("inference.num_gpus_per_replica=1") is None  # vLLM's own default
+    assert engine_block("inference.block_size=128") == 128
+    with pytest.raises(ConfigError, match="block_size"):
+        load_config(None, ["inference.block_size=0"], check_files=False)
+
+
 def test_tree_attention_needs_packed_micro_batches(tmp_path):
     cfg = write(tmp_path, "learner: {attention: tree, packing: false}\n")
     with pytest.raises(ConfigError, match="learner.attention=tree .* learner.packing is false"):
