@@ -20,7 +20,13 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from lightning_ray.config import InferenceConfig, ModelConfig
-from lightning_ray.inference.cpu_env import apply_cpu_preload, engine_env, executor_backend, preload_report
+from lightning_ray.inference.cpu_env import (
+    apply_cpu_preload,
+    engine_env,
+    executor_backend,
+    preload_report,
+    whole_prompt_steps,
+)
 from lightning_ray.inference.sampling import sampling_params
 from lightning_ray.monitor.busy import BusyTime
 from lightning_ray.precision import resolve_precision
@@ -32,17 +38,6 @@ APP_NAME = "lightning-ray-inference"
 FROZEN_APP_NAME = "lightning-ray-inference-frozen"
 DEPLOYMENT_NAME = "InferenceServer"
 STICKY_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
-
-
-def whole_prompt_steps(icfg: InferenceConfig) -> dict[str, Any]:
-    """A CPU engine never splits a prompt across engine steps (no chunked prefill). For the token a partial
-    prefill samples and throws away, vLLM (0.32) rewinds a seeded request's generator by an offset only CUDA
-    generators have: a CPU one raises "CPU Generator does not use offset" and the engine dies, for any agent that
-    sends a `seed` while prompts queue up. A step's token budget then holds the longest prompt at least, and
-    never less than vLLM's CPU default (4096)."""
-    if icfg.num_gpus_per_replica:
-        return {}
-    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(icfg.max_model_len, 4096)}
 
 
 class InferenceServer:
