@@ -1,9 +1,10 @@
 """vLLM's own OpenAI-compatible server as a peer: what an agent pays when it is pointed at vLLM directly.
 
 `start_vllm_openai` runs `python -m vllm.entrypoints.openai.api_server` as a child process with the engine
-settings of the Serve deployment it is compared with: the same model folder, dtype, context, batch size, seed
-and prefix caching, and on CPU the environment a replica's engine gets (`cpu_env.engine_env`: KV cache, OpenMP
-threads, executor; `LD_PRELOAD` of tcmalloc and Intel OpenMP). It binds 127.0.0.1 only.
+settings of the Serve deployment it is compared with: the same model folder, dtype, context, batch size, seed,
+prefix caching and KV block size, and on CPU whole prompts per engine step and the environment a replica's
+engine gets (`cpu_env.engine_env`: KV cache, OpenMP threads, executor; `LD_PRELOAD` of tcmalloc and Intel
+OpenMP). It binds 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from lightning_ray.config import Config
-from lightning_ray.inference.cpu_env import cpu_preload_env, engine_env
+from lightning_ray.inference.cpu_env import cpu_preload_env, engine_env, whole_prompt_steps
 from lightning_ray.precision import resolve_precision
 
 
@@ -43,6 +44,14 @@ def start_vllm_openai(model_dir: Path, cfg: Config, served_name: str, log: Path,
     # fmt: on
     if inference.enforce_eager:
         cmd.append("--enforce-eager")
+    if inference.engine_block_size() is not None:
+        cmd += ["--block-size", str(inference.engine_block_size())]
+    if whole := whole_prompt_steps(inference):
+        cmd += [
+            "--no-enable-chunked-prefill",
+            "--max-num-batched-tokens",
+            str(whole["max_num_batched_tokens"]),
+        ]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s

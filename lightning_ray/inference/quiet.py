@@ -13,6 +13,12 @@ Loading a checkpoint stored in float32 into an engine serving bfloat16 or float1
 makes bfloat16 on hardware with native bf16) warns `Attempted to load weight ... with dtype torch.float32 into
 parameter with dtype torch.bfloat16` once per tensor at start-up: 122 lines for SmolLM2, for the cast the config
 asked for. That narrowing is dropped; any other dtype mismatch still shows.
+
+A CPU engine runs every prompt whole (`cpu_env.whole_prompt_steps`, which keeps seeded requests from killing it),
+and vLLM warns that the model "does not officially support disabling chunked prefill" and may crash or produce
+incorrect outputs. vLLM's own CPU platform turns chunked prefill off for MLA models, and the tests check the
+engine's ids and log-probs exactly with it off (streamed against whole, across weight updates, against the
+learner's); that warning is dropped.
 """
 
 from __future__ import annotations
@@ -27,6 +33,12 @@ EXPECTED_LAYERS = frozenset({"ParallelLMHead", "RotaryEmbedding"})
 LOADER_LOGGER = "vllm.model_executor.models.utils"
 DTYPE_MISMATCH = "Attempted to load weight %s with dtype %s into parameter with dtype %s"
 SERVED_NARROWER = frozenset({"torch.bfloat16", "torch.float16"})
+# Where vLLM's engine arguments (vllm/engine/arg_utils.py) warn that chunked prefill is off, and the wording.
+ARGS_LOGGER = "vllm.engine.arg_utils"
+CHUNKED_PREFILL_OFF = (
+    "This model does not officially support disabling chunked prefill. "
+    "Disabling this manually may cause the engine to crash or produce incorrect outputs."
+)
 
 
 class _ExpectedLayersFilter(logging.Filter):
@@ -45,13 +57,24 @@ class _Float32CheckpointFilter(logging.Filter):
         )
 
 
+class _ChunkedPrefillOffFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != CHUNKED_PREFILL_OFF
+
+
 def silence_known_vllm_warnings() -> None:
-    """Install the filters on vLLM's reload and loader loggers in this process; idempotent.
+    """Install the filters on vLLM's reload, loader and engine-argument loggers in this process; idempotent.
 
     Call it in the vLLM process that loads the model (the engine core, or its worker process), before the load:
     vLLM spawns its engine and worker processes, so a filter installed in the Serve replica does not reach them.
+    The engine arguments are checked in the replica itself, which imports the weight receiver (and so calls
+    this) before it builds the engine.
     """
-    for name, kind in ((RELOAD_LOGGER, _ExpectedLayersFilter), (LOADER_LOGGER, _Float32CheckpointFilter)):
+    for name, kind in (
+        (RELOAD_LOGGER, _ExpectedLayersFilter),
+        (LOADER_LOGGER, _Float32CheckpointFilter),
+        (ARGS_LOGGER, _ChunkedPrefillOffFilter),
+    ):
         logger = logging.getLogger(name)
         if not any(isinstance(f, kind) for f in logger.filters):
             logger.addFilter(kind())

@@ -1,12 +1,15 @@
-"""vLLM's expected reload warnings are dropped, every other one still reaches the terminal."""
+"""vLLM's known-good warnings are dropped, every other one still reaches the terminal."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
 
 from lightning_ray.inference.quiet import (
+    ARGS_LOGGER,
+    CHUNKED_PREFILL_OFF,
     DTYPE_MISMATCH,
     FAILED_TO_LOAD,
     LOADER_LOGGER,
@@ -46,3 +49,18 @@ def test_only_a_float32_checkpoint_served_in_half_precision_is_silenced(caplog):
         "Attempted to load weight layers.0.mlp.up_proj.weight with dtype torch.float32 into parameter with "
         "dtype torch.int8",
     ]
+
+
+def test_only_the_chunked_prefill_off_warning_of_the_engine_arguments_is_silenced(caplog):
+    import vllm.engine.arg_utils
+
+    # the wording of the vLLM installed (a new one that words it otherwise shows it again)
+    assert CHUNKED_PREFILL_OFF.split(". ")[0] in inspect.getsource(vllm.engine.arg_utils)
+    logger = logging.getLogger(ARGS_LOGGER)
+    silence_known_vllm_warnings()
+    silence_known_vllm_warnings()
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=ARGS_LOGGER):
+        logger.warning(CHUNKED_PREFILL_OFF)
+        logger.warning("Some other engine argument warning.")
+    assert [r.getMessage() for r in caplog.records] == ["Some other engine argument warning."]
