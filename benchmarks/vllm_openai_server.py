@@ -1,10 +1,10 @@
 """vLLM's own OpenAI-compatible server as a peer: what an agent pays when it is pointed at vLLM directly.
 
 `start_vllm_openai` runs `python -m vllm.entrypoints.openai.api_server` as a child process with the engine
-settings of the Serve deployment it is compared with: the same model folder, dtype, context, batch size, seed,
-prefix caching and KV block size, and on CPU whole prompts per engine step and the environment a replica's
-engine gets (`cpu_env.engine_env`: KV cache, OpenMP threads, executor; `LD_PRELOAD` of tcmalloc and Intel
-OpenMP). It binds 127.0.0.1 only.
+settings of the Serve deployment it is compared with (`engine_args.engine_settings`, as flags: dtype, context,
+batch size, seed, prefix caching and its KV block size, on CPU whole prompts per engine step), the same model
+folder, and on CPU the environment a replica's engine gets (`cpu_env.engine_env`: KV cache, OpenMP threads,
+executor; `LD_PRELOAD` of tcmalloc and Intel OpenMP). It binds 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 
 from lightning_ray.config import Config
-from lightning_ray.inference.cpu_env import cpu_preload_env, engine_env, whole_prompt_steps
-from lightning_ray.precision import resolve_precision
+from lightning_ray.inference.cpu_env import cpu_preload_env, engine_env
+from lightning_ray.inference.engine_args import as_cli_flags, engine_settings
 
 
 def start_vllm_openai(model_dir: Path, cfg: Config, served_name: str, log: Path, timeout_s: float = 600):
@@ -33,25 +33,12 @@ def start_vllm_openai(model_dir: Path, cfg: Config, served_name: str, log: Path,
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    # fmt: off
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-        "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", resolve_precision(cfg.model.dtype), "--max-model-len", str(inference.max_model_len),
-        "--max-num-seqs", str(inference.max_num_seqs), "--seed", str(inference.seed),
-        "--enable-prefix-caching", "--disable-uvicorn-access-log", "--disable-log-stats",
+        *(sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)),
+        *("--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port)),
+        *as_cli_flags(engine_settings(cfg.model, inference)),
+        *("--disable-uvicorn-access-log", "--disable-log-stats"),
     ]
-    # fmt: on
-    if inference.enforce_eager:
-        cmd.append("--enforce-eager")
-    if inference.engine_block_size() is not None:
-        cmd += ["--block-size", str(inference.engine_block_size())]
-    if whole := whole_prompt_steps(inference):
-        cmd += [
-            "--no-enable-chunked-prefill",
-            "--max-num-batched-tokens",
-            str(whole["max_num_batched_tokens"]),
-        ]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s

@@ -1,6 +1,5 @@
 """What vLLM asks of a replica's processes: the environment it reads at start-up (`engine_env`: on CPU the KV
-cache, OpenMP threads, executor) and, on CPU, tcmalloc and Intel OpenMP in `LD_PRELOAD`, and prompts that are
-never split across engine steps (`whole_prompt_steps`).
+cache, OpenMP threads, executor) and, on CPU, tcmalloc and Intel OpenMP in `LD_PRELOAD`.
 
 vLLM on CPU runs its engine core (and, with `inference.cpu_executor: mp`, a worker where the model computes) in
 processes it spawns from the Serve replica, and they inherit the replica's environment. A library in `LD_PRELOAD` is loaded when a process starts,
@@ -213,14 +212,3 @@ def executor_backend(inference: InferenceConfig) -> str | None:
     if inference.tensor_parallel_size > 1:
         return "ray"
     return "uni" if _cpu_uni_executor(inference) else None
-
-
-def whole_prompt_steps(icfg: InferenceConfig) -> dict[str, Any]:
-    """A CPU engine never splits a prompt across engine steps (no chunked prefill). For the token a partial
-    prefill samples and throws away, vLLM (0.32) rewinds a seeded request's generator by an offset only CUDA
-    generators have: a CPU one raises "CPU Generator does not use offset" and the engine dies, for any agent that
-    sends a `seed` while prompts queue up. A step's token budget then holds the longest prompt at least, and
-    never less than vLLM's CPU default (4096)."""
-    if icfg.num_gpus_per_replica:
-        return {}
-    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(icfg.max_model_len, 4096)}

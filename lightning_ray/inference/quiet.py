@@ -14,7 +14,7 @@ makes bfloat16 on hardware with native bf16) warns `Attempted to load weight ...
 parameter with dtype torch.bfloat16` once per tensor at start-up: 122 lines for SmolLM2, for the cast the config
 asked for. That narrowing is dropped; any other dtype mismatch still shows.
 
-A CPU engine runs every prompt whole (`cpu_env.whole_prompt_steps`, which keeps seeded requests from killing it),
+A CPU engine runs every prompt whole (`engine_args.whole_prompt_steps`, which keeps seeded requests from killing it),
 and vLLM warns that the model "does not officially support disabling chunked prefill" and may crash or produce
 incorrect outputs. vLLM's own CPU platform turns chunked prefill off for MLA models, and the tests check the
 engine's ids and log-probs with it off (streamed against whole and across weight updates exactly, against the

@@ -20,16 +20,10 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from lightning_ray.config import InferenceConfig, ModelConfig
-from lightning_ray.inference.cpu_env import (
-    apply_cpu_preload,
-    engine_env,
-    executor_backend,
-    preload_report,
-    whole_prompt_steps,
-)
+from lightning_ray.inference.cpu_env import apply_cpu_preload, engine_env, executor_backend, preload_report
+from lightning_ray.inference.engine_args import engine_settings
 from lightning_ray.inference.sampling import sampling_params
 from lightning_ray.monitor.busy import BusyTime
-from lightning_ray.precision import resolve_precision
 from lightning_ray.weights import object_store, registry
 from lightning_ray.weights.receiver import WeightReceiverExtension
 
@@ -56,16 +50,7 @@ class InferenceServer:
         args = AsyncEngineArgs(
             model=model_dir,
             served_model_name=served_name,
-            dtype=resolve_precision(mcfg.dtype),  # `auto`: this replica's hardware decides
-            max_model_len=icfg.max_model_len,
-            max_num_seqs=icfg.max_num_seqs,
-            enforce_eager=icfg.enforce_eager,
-            seed=icfg.seed,
-            tensor_parallel_size=icfg.tensor_parallel_size,
-            gpu_memory_utilization=icfg.gpu_memory_utilization,
-            enable_prefix_caching=True,
-            block_size=icfg.engine_block_size(),
-            **whole_prompt_steps(icfg),
+            **engine_settings(mcfg, icfg),
             worker_extension_cls=f"{WeightReceiverExtension.__module__}.{WeightReceiverExtension.__name__}",
             distributed_executor_backend=executor_backend(icfg),
         )
