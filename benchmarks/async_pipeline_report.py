@@ -51,6 +51,7 @@ def measure(run_dir: Path, step_at: dict[int, float], steps: int) -> dict[str, A
                 "trained_rollouts": trained,
                 "trained_source": source,
                 "rollouts": r.get("rollout/rollouts"),
+                "groups_cut": r.get("rollout/groups_cut"),
                 "sequences": r.get("learner/sequences"),
                 "tokens_computed": r.get("learner/tokens_computed"),
                 "reward_mean": _round(r.get("rollout/reward_mean")),

@@ -306,7 +306,8 @@ def busy_metrics(clock: BusyClock, m: dict[str, Any]) -> dict[str, float]:
 
 def rollout_metrics(batch: Batch) -> dict[str, Any]:
     """What the step's rollouts did: all of them, as `rollout/rollouts` counts them, the groups dropped before
-    training (zero variance, stale) included; `rollout/llm_calls_trained` is the part that trains."""
+    training (zero variance, stale) included, but not the rollouts of groups cut before they ended (the ledger
+    has them: `ledger/dropped/stale`); `rollout/llm_calls_trained` is the part that trains."""
     s = batch.summary
     calls = batch.calls_used()
     out = {
@@ -317,6 +318,7 @@ def rollout_metrics(batch: Batch) -> dict[str, Any]:
         "rollout/llm_calls": calls.num_rows,
         "rollout/llm_calls_trained": batch.transitions.num_rows,
         "rollout/tokens": pc.sum(pc.list_value_length(calls["response_ids"])).as_py() or 0,
+        "rollout/groups_cut": batch.cut,
     }
     out.update({f"rollout/failures/{k}": n for k, n in s.failures_by_kind.items()})
     if batch.transitions.num_rows:

@@ -32,6 +32,7 @@ class Batch:
         None  # a streamed batch: the calls of the groups the step used up and did not train
     )
     ended: pa.Table | None = None  # a streamed batch: how each rollout of every group it used up ended
+    cut: int = 0  # a streamed batch: groups cut once it was taken, too stale for any later batch
 
     def calls_used(self) -> pa.Table:
         """Every call of the groups the batch used up: those it trains on, and those dropped before training."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from lightning_ray.monitor.run_log import read_json_lines
 from lightning_ray.run_files import append_bytes, replace_file
+from lightning_ray.tasks.records import cut_reason
 
 OUTCOMES = ("trained", "dropped", "failed")
 
@@ -38,8 +39,9 @@ class Ledger:
         self._enter(records, "trained", None, version)
 
     def dropped(self, records: Iterable[Any], reason: str, version: int, unstarted: bool = False) -> None:
-        """Rollouts not trained for `reason` (those that failed are `failed`); with `unstarted`, those the pool
-        abandoned because they had not run yet (the end of the run) are dropped too, not failed."""
+        """Rollouts not trained for `reason` (those that failed are `failed`, those of a cut group are dropped
+        for the cut's reason); with `unstarted`, those the pool abandoned because they had not run yet (the end
+        of the run) are dropped too, not failed."""
         self._enter(records, "dropped", reason, version, unstarted)
 
     def _enter(
@@ -52,6 +54,8 @@ class Ledger:
             kept = r.status == "succeeded" or (unstarted and r.status == "abandoned" and r.attempts == 0)
             end = outcome if kept else "failed"
             why = reason if end != "failed" else (r.kind or r.status)
+            if cut := cut_reason(r):  # its group was cut before it ended: dropped, for the cut's reason
+                end, why = "dropped", cut
             entries[r.rollout_id] = {
                 "rollout_id": r.rollout_id,
                 "group_id": r.group_id,

@@ -11,9 +11,11 @@ plus `trainer.over_provision` of B, plus replacements), so a group rarely waits 
 K = 0 is the synchronous loop, exactly: B groups start when the replicas serve `v`, the step waits for all of
 them, trains on those with a learning signal (zero-variance groups drop out, as they always did) and the next
 B start only on the new weights. With K >= 1 a step takes the first B usable groups: a group dropped (zero
-variance, stale, every rollout failed) is replaced by a new one, so the step never trains on less. Under a
-canary (`serve --learn`, `lightning_ray.live.promotion`) `v` is the last promoted version, and a group with a
-token from a version the canary rolled back is dropped (`rolled_back`).
+variance, stale, every rollout failed) is replaced by a new one, so the step never trains on less; and once a
+batch is taken, a group still running with a call too old for any later batch is cut at once and replaced
+(`cut_stale`), rather than run to its end only to be dropped. Under a canary (`serve --learn`,
+`lightning_ray.live.promotion`) `v` is the last promoted version, and a group with a token from a version the
+canary rolled back is dropped (`rolled_back`).
 
 Every rollout the stream started ends in exactly one entry of the ledger: `trained`, `dropped` with a reason,
 or `failed` with its kind (`lightning_ray.rollouts.ledger`).
@@ -46,7 +48,7 @@ from lightning_ray.monitor.summary import summarize_batch
 from lightning_ray.rollouts.collect import Batch, accepted_rows, rollout_records
 from lightning_ray.rollouts.ledger import Ledger
 from lightning_ray.rollouts.supervisor import RolloutWorkers
-from lightning_ray.tasks.records import RolloutRecord
+from lightning_ray.tasks.records import RolloutRecord, cut_reason
 
 WAIT_S = 1.0  # how long one wait on the pool lasts before the driver tops the stream up again
 
@@ -115,6 +117,7 @@ class RolloutStream:
         self.started = 0  # groups started, replacements included
         self.restored_rollouts = 0
         self.replaced = 0  # groups dropped that K >= 1 replaces
+        self.cut: set[str] = set()  # groups cut (`cut_stale`) and replaced already, until they are dropped
         self.ready: deque[Group] = deque()  # complete groups not trained yet (taken from the pool)
         self.requeue: list[str] = []  # task ids of groups to run again (`trainer.stale_groups: requeue`)
         self.resumed: dict[str, Group] = {}  # the saved rollouts of groups a resume completes, by group id
@@ -187,7 +190,8 @@ class RolloutStream:
             if reason is not None and consumed >= self.batch_size and self.failing(ended):
                 break  # K >= 1 would replace failed groups forever: the loop's failure-rate check stops here
         batch = self.as_batch(chosen, time.perf_counter() - t0)
-        batch.summary = summarize_batch(ended)
+        batch.summary = summarize_batch(ran(ended))
+        batch.cut = self.cut_stale(version) if self.max_staleness else 0
         batch.dropped = pa.concat_tables([g.transitions for g in dropped]) if dropped else None
         used = [g.rollouts for g in chosen + dropped]
         batch.ended = rollout_records(ended, pa.concat_tables(used) if used else _empty("rollouts"))
@@ -195,7 +199,24 @@ class RolloutStream:
 
     def failing(self, ended: list[Any]) -> bool:
         """Whether more than `rollout.max_failure_rate` of the rollouts ended so far failed."""
-        return summarize_batch(ended).failure_rate > self.cfg.rollout.max_failure_rate
+        return summarize_batch(ran(ended)).failure_rate > self.cfg.rollout.max_failure_rate
+
+    def cut_stale(self, version: int) -> int:
+        """Once the batch of `version` is taken, no later batch can train a group with a call older than
+        `version + 1 - K`: end the running groups that have one now (`TaskPool.cut_groups`; the workers stop
+        their rollouts) and start their replacements, rather than let them run to their end only to be dropped
+        as stale. Returns how many groups it cut; they are dropped as `stale` when the stream takes them."""
+        floor = version + 1 - self.max_staleness
+        stale = self.workers.stale_groups(self.batch_id, floor, self.cfg.rollout.train_agents)
+        if not stale:
+            return 0
+        why = f"a call older than policy version {floor}"
+        cut = self.call(self.pool.cut_groups.remote(self.batch_id, stale, "stale", why), "cut_groups")
+        self.workers.cancel_groups(self.batch_id, cut)
+        self.cut.update(cut)
+        self.replaced += len(cut)
+        self.top_up(version)
+        return len(cut)
 
     def take_complete(self, max_n: int | None, wait_s: float) -> None:
         """Move the pool's complete groups (up to `max_n`, waiting up to `wait_s`) to `ready`."""
@@ -209,6 +230,8 @@ class RolloutStream:
         return get(ref, f"task pool {what}", self.cfg.trainer.stall_timeout_s, lost=TaskPoolLost)
 
     def drop_reason(self, group: Group, version: int) -> str | None:
+        if cut := next(filter(None, map(cut_reason, group.records)), None):
+            return cut
         versions = group.versions(self.cfg.rollout.train_agents)
         if versions & self.rejected:
             return "rolled_back"
@@ -224,8 +247,9 @@ class RolloutStream:
         self.ledger.dropped(group.records, reason, version)
         if reason == "stale" and self.cfg.trainer.stale_groups == "requeue":
             self.requeue.append(group.task_id)
-        if self.max_staleness > 0:
+        if self.max_staleness > 0 and group.group_id not in self.cut:
             self.replaced += 1
+        self.cut.discard(group.group_id)
         self.call(self.pool.forget_groups.remote(self.batch_id, [group.group_id]), "forget_groups")
 
     def as_batch(self, groups: list[Group], seconds: float) -> Batch:
@@ -316,6 +340,11 @@ def _read_groups(saved: Path, prefix: str) -> list[Group]:
 def _plain(record: RolloutRecord) -> dict[str, Any]:
     """A record as JSON (its table refs do not outlive the run; the tables are saved beside it)."""
     return {k: v for k, v in dataclasses.asdict(record).items() if k != "result"}
+
+
+def ran(records: list[Any]) -> list[Any]:
+    """The records of rollouts that ran to an end of their own (not cut: a cut is no failure)."""
+    return [r for r in records if not cut_reason(r)]
 
 
 def _empty(name: str) -> pa.Table:

@@ -91,11 +91,33 @@ class RolloutWorkers:
         return len(done) == len(calls)
 
     def llm_calls(self) -> int:
-        """LLM calls the serving workers' gateways recorded, of those that answer within `PROBE_TIMEOUT_S`
-        (`RolloutWorker.progress`, answered on a control thread even while an agent blocks the worker)."""
-        refs = [w.progress.remote() for w in self.handles]
+        """LLM calls the serving workers' gateways recorded (`RolloutWorker.progress`, answered on a control
+        thread even while an agent blocks the worker)."""
+        return sum(p["calls"] for p in self._ask("progress"))
+
+    def stale_groups(self, batch_id: str, floor: int, train_agents: list[str] | None) -> list[str]:
+        """The batch's groups that some worker runs with a trained call older than policy version `floor`
+        (`RolloutWorker.stale_groups`)."""
+        return sorted(
+            {g for groups in self._ask("stale_groups", batch_id, floor, train_agents) for g in groups}
+        )
+
+    def cancel_groups(self, batch_id: str, group_ids: list[str]) -> None:
+        """Every worker stops its rollouts of the groups the pool cut (`RolloutWorker.cancel_groups`)."""
+        self._ask("cancel_groups", batch_id, group_ids)
+
+    def _ask(self, method: str, *args: Any) -> list[Any]:
+        """The answers of the serving workers that answer `method` within `PROBE_TIMEOUT_S`; one that died is
+        left out (`check` replaces it)."""
+        refs = [getattr(w, method).remote(*args) for w in self.handles]
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
-        return sum(ray.get(ref)["calls"] for ref in done)
+        answers = []
+        for ref in done:
+            try:
+                answers.append(ray.get(ref))
+            except RayActorError:
+                continue
+        return answers
 
     def release(self, batch_id: str) -> dict[int, Any]:
         """Forget a finished batch; returns what each worker's `work` returned."""

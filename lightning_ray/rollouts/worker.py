@@ -60,6 +60,7 @@ class RolloutWorker:
         self.closed_calls = 0  # LLM calls recorded in rollouts that have ended
         self.rollouts_finished = 0
         self.draining = False  # `drain()`: lease nothing more, finish what runs
+        self.running: dict[str, dict[asyncio.Future, Lease]] = {}  # by batch: each rollout running, its lease
         capture.install()
 
     async def start(self) -> str:
@@ -123,8 +124,16 @@ class RolloutWorker:
         agent threads hung, it leases no more, finishes what runs and raises `HungAgentThreads`. Once drained
         (`drain`) it leases no more either, finishes what runs and returns.
         """
-        pool = pool or self.pool
         running: dict[asyncio.Future, Lease] = {}
+        self.running[batch_id] = running  # what `stale_groups` and `cancel_groups` look at
+        try:
+            return await self._work(batch_id, pool or self.pool, sampling, running)
+        finally:
+            del self.running[batch_id]
+
+    async def _work(
+        self, batch_id: str, pool: Any, sampling: dict[str, Any] | None, running: dict[asyncio.Future, Lease]
+    ) -> dict[str, int]:
         finished: dict[str, list[FinishedRollout]] = defaultdict(list)
         counts = {"rollouts": 0, "tables": 0}
         asking: asyncio.Future | None = None  # the lease call that is out
@@ -181,6 +190,31 @@ class RolloutWorker:
                         if lease.rollout_id not in kept:
                             task.cancel()  # revoked: someone else runs it now
                 next_renew = time.monotonic() + renew_every
+
+    async def stale_groups(self, batch_id: str, floor: int, train_agents: list[str] | None) -> list[str]:
+        """The batch's groups of which this worker runs a rollout that made a trained call (`train_agents`,
+        None: all) on a policy version older than `floor`: no batch that accepts only `floor` or newer can
+        train them. Calls still running are not known yet (a later look finds them)."""
+        stale = set()
+        for lease in self.running.get(batch_id, {}).values():
+            try:
+                calls = self.gateway.transitions(lease.rollout_id)
+            except KeyError:  # closed meanwhile: it has ended
+                continue
+            if any(
+                c.policy_version < floor and (train_agents is None or c.agent in train_agents) for c in calls
+            ):
+                stale.add(lease.group_id)
+        return sorted(stale)
+
+    async def cancel_groups(self, batch_id: str, group_ids: list[str]) -> int:
+        """Stop this worker's rollouts of groups the pool has cut (`TaskPool.cut_groups`) now, not at the next
+        lease renewal: their agents get no more calls and free their slots. Returns how many it stopped."""
+        cut = set(group_ids)
+        tasks = [task for task, lease in self.running.get(batch_id, {}).items() if lease.group_id in cut]
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
 
     async def _report(self, pool: Any, rollouts: list[FinishedRollout]) -> None:
         """The group's tables and how each of its rollouts ended, in one call to the pool."""

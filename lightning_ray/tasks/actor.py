@@ -86,6 +86,7 @@ class TaskPoolActor:
     batch_results = _forward(TaskPool.batch_results)
     groups = _forward(TaskPool.groups)
     cancel_batch = _forward(TaskPool.cancel_batch, notify=True)
+    cut_groups = _forward(TaskPool.cut_groups, notify=True)
     forget_batch = _forward(TaskPool.forget_batch)
     stats = _forward(TaskPool.stats)
     state = _forward(TaskPool.state)

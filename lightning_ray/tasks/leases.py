@@ -4,7 +4,7 @@ Life of a rollout: `queued` -> `leased` (a worker holds it until a deadline) -> 
 
 - `succeeded` / `failed` (with a kind) / `timed_out`: reported by the worker through `complete()`;
 - `abandoned`: its lease expired or its worker died and it had used all `max_attempts`, or its batch was
-  cancelled (or closed before it was handed out).
+  cancelled (or closed before it was handed out), or its group was cut (`TaskPool.cut_groups`).
 
 An expired lease or a dead worker's lease goes back to the *front* of the queue (so a batch finishes soon)
 while attempts remain. Every lease carries an attempt number; a `complete()` from an older attempt is
@@ -339,10 +339,12 @@ class LeaseQueue(ABC):
             self._failures_by_kind[kind] += 1
         self._ended(r)
 
-    def _abandon(self, r: RolloutState, reason: str) -> None:
-        """End a rollout that is not final yet as abandoned (its batch was cancelled or closed)."""
+    def _abandon(self, r: RolloutState, reason: str, cut: str | None = None) -> None:
+        """End a rollout that is not final yet as abandoned (its batch was cancelled or closed, or with `cut`
+        its group was cut: `TaskPool.cut_groups`)."""
         self._release(r, reason)
-        self._finish(r, RolloutStatus.ABANDONED, failure={"reason": reason})
+        failure = {"reason": reason} | ({"cut": cut} if cut else {})
+        self._finish(r, RolloutStatus.ABANDONED, failure=failure)
 
     @abstractmethod
     def _ended(self, r: RolloutState) -> None:

@@ -6,6 +6,7 @@ A batch is made one of two ways:
 - `start_batch(n)`: n groups drawn at once; done when every rollout is final (the synchronous loop).
 - a stream: `open_batch()`, then `add_groups` whenever the driver wants more in flight. `close_batch` ends it:
   no more groups, queued rollouts abandoned, leased ones run to their end; it is done when they have ended.
+  `cut_groups` ends groups the driver can no longer use (too stale to train) without waiting for them.
 
 In both, a group whose last rollout reaches a final state (whatever its status) joins its batch's completion
 queue, in completion order: `take_groups` hands complete groups out and `forget_groups` drops them once used,
@@ -204,6 +205,23 @@ class TaskPool(LeaseQueue):
         for r in abandoned:
             self._abandon(r, reason)
         return len(abandoned)
+
+    def cut_groups(self, batch_id: str, group_ids: Sequence[str], reason: str, why: str) -> list[str]:
+        """End groups that can no longer be used (e.g. too stale to train) before they complete: their
+        queued and running rollouts end abandoned, marked cut for `reason`, which the ledger drops them for
+        (they did not fail: `records.cut_reason`). Workers still running them learn at their next lease
+        renewal, or at once from the driver (`RolloutWorker.cancel_groups`). Returns the groups cut; one
+        already complete, or not in the batch, is left alone."""
+        batch = self._batch(batch_id)
+        cut = []
+        for group in (batch.groups.get(g) for g in dict.fromkeys(group_ids)):
+            if group is None or not group.remaining:
+                continue
+            for r in (self._rollouts[rid] for rid in group.rollout_ids):
+                if r.status not in FINAL_STATUSES:
+                    self._abandon(r, f"group cut: {why}", cut=reason)
+            cut.append(group.group_id)
+        return cut
 
     def forget_batch(self, batch_id: str) -> None:
         """Drop a done batch's records to bound memory; cumulative `stats()` still count it."""

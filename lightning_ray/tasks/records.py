@@ -73,3 +73,12 @@ class RolloutRecord:
     failure: dict[str, Any] | None
     result: Any
     history: tuple[dict[str, Any], ...]
+
+
+def cut_reason(record: Any) -> str | None:
+    """Why the driver cut the rollout's group before the rollout ended (`TaskPool.cut_groups`), or None: a
+    cut rollout is abandoned, but it is dropped for this reason, not failed."""
+    failure = record.failure
+    if record.status == RolloutStatus.ABANDONED and isinstance(failure, dict):
+        return failure.get("cut")
+    return None

@@ -10,6 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lightning_ray.monitor.summary import summarize_batch
+from lightning_ray.rollouts.ledger import Ledger, read_ledger
+from lightning_ray.rollouts.stream import ran
 from lightning_ray.tasks import (
     FINAL_STATUSES,
     DatasetError,
@@ -19,6 +22,7 @@ from lightning_ray.tasks import (
     WorkerDeadError,
     load_tasks,
 )
+from lightning_ray.tasks.records import cut_reason
 
 STATUSES = ["queued", "leased", "succeeded", "failed", "timed_out", "abandoned"]
 
@@ -271,6 +275,33 @@ def test_cancel_and_forget_keep_cumulative_counts():
         1,
         3,
     )
+
+
+def test_cut_groups_end_now_as_dropped_not_failed(tmp_path):
+    pool = TaskPool(tasks(3), group_size=3, lease_timeout_s=10)
+    batch = pool.open_batch()
+    g1, g2, g3 = pool.add_groups(batch, 3)
+    leased = pool.lease("w", 5, now=0.0)  # g1's three rollouts and two of g2's
+    for x in leased[:4]:
+        pool.complete(x.rollout_id, x.attempt, "succeeded", reward=1.0)
+    # g1 is complete (left alone); g2 has one ended, one running, one queued; g3 has not started.
+    assert pool.cut_groups(batch, [g1, g2, g3, g2, "nope"], "stale", "a call older than v1") == [g2, g3]
+    assert [g["group_id"] for g in pool.take_groups(batch)] == [g1, g2, g3]
+    assert pool.lease("w", 10) == []  # nothing of theirs is handed out again
+    assert pool.renew("w", [(leased[4].rollout_id, 1)], now=1.0) == []  # its worker stops it
+    assert pool.complete(leased[4].rollout_id, 1, "succeeded", reward=1.0) == "stale"  # a late report
+    records = pool.batch_results(batch)
+    cut = [r for r in records if cut_reason(r)]
+    assert len(cut) == 5 and {cut_reason(r) for r in cut} == {"stale"}
+    assert all(r.status == "abandoned" and "a call older than v1" in r.failure["reason"] for r in cut)
+    s = assert_adds_up(pool, batch)
+    assert (s["succeeded"], s["abandoned"], s["groups_done"]) == (4, 5, 3)
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    ledger.dropped([r for r in records if r.group_id != g1], "stale", version=1)
+    entries = read_ledger(tmp_path / "ledger.jsonl")
+    assert [(e["outcome"], e["reason"]) for e in entries] == [("dropped", "stale")] * 6
+    # Cut rollouts are no failures of the batch: they did not run to an end of their own.
+    assert summarize_batch(ran(records)).failure_rate == 0.0
 
 
 # ---- data order and resume -------------------------------------------------------------------------------

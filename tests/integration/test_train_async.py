@@ -25,7 +25,10 @@ from lightning_ray.loop import train
 from lightning_ray.monitor.run_log import read_metrics
 from lightning_ray.monitor.staleness import token_versions
 from lightning_ray.names import worker_prefix
-from lightning_ray.rollouts.ledger import read_ledger
+from lightning_ray.rollouts.ledger import Ledger, read_ledger
+from lightning_ray.rollouts.stream import RolloutStream
+from lightning_ray.rollouts.supervisor import RolloutWorkers
+from lightning_ray.tasks.actor import task_pool_from_config
 
 
 def async_config(tiny_config, tmp_path, steps: int, staleness: int):
@@ -146,3 +149,48 @@ def test_k1_resume_mid_stream_loses_and_repeats_nothing(inference, tiny_config, 
     for step in (3, 4):
         assert trained_versions(run_dir, step).min() >= step - 2
     assert_every_rollout_ends_once(run_dir, 4, cfg.trainer.tasks_per_step, cfg.trainer.max_staleness)
+
+
+def test_k1_cuts_groups_too_stale_for_any_later_batch_and_starts_their_replacements(
+    inference, tiny_config, tmp_path
+):
+    """Groups that made a call on version 0 and still run once the batch of version 1 is taken can never be
+    trained at K = 1: the stream ends them at once (their agents would sleep 60 s more), frees their workers'
+    slots for the replacements it starts, and the ledger drops them as stale, not failed."""
+    cfg = async_config(tiny_config, tmp_path, steps=1, staleness=1)
+    tasks = tmp_path / "sleepers.jsonl"
+    tasks.write_text("".join(f'{{"id": "s{i}", "mode": "sleep", "question": "q{i}?"}}\n' for i in range(6)))
+    cfg.data.train, cfg.rollout.agent = (
+        str(tasks),
+        "tests.agents:scripted_agent",
+    )  # one call, then 60 s asleep
+    cfg.trainer.tasks_per_step, cfg.trainer.over_provision, cfg.algorithm.group_size = 1, 0.0, 2
+    cfg.rollout.concurrency = 4
+    pool = task_pool_from_config(cfg, name="pool-cut")
+    workers = RolloutWorkers(cfg, pool, prefix="cut")
+    stream = RolloutStream(cfg, pool, workers, Ledger(tmp_path / "ledger.jsonl"), version=0)
+    try:
+        stream.top_up(0)  # (0 + K + 1) * B = 2 groups, 4 rollouts: every slot of the worker
+        deadline = time.monotonic() + 120
+        while workers.llm_calls() < 4:  # each has made its call on version 0 and sleeps
+            assert time.monotonic() < deadline, "the rollouts did not make their calls"
+            time.sleep(0.5)
+        assert stream.cut_stale(0) == 0  # the next batch (version 1) may still train version-0 calls
+        t0 = time.monotonic()
+        assert stream.cut_stale(1) == 2  # the next batch (version 2) may not
+        stream.take_complete(None, 30.0)
+        assert len(stream.ready) == 2 and time.monotonic() - t0 < 30
+        assert stream.started == 5  # both replaced at once, and the one group the budget of version 1 adds
+        while ray.get(pool.stats.remote(stream.batch_id))["leased"] < 4:  # the replacements got the slots
+            assert time.monotonic() - t0 < 20, "the cut rollouts kept their workers' slots (asleep)"
+            time.sleep(0.2)
+        for group in list(stream.ready):
+            assert stream.drop_reason(group, 1) == "stale"
+            stream.drop(group, "stale", 1)
+        assert stream.replaced == 2  # dropping a cut group does not replace it twice
+        entries = read_ledger(tmp_path / "ledger.jsonl")
+        assert len(entries) == 4 and {(e["outcome"], e["reason"]) for e in entries} == {("dropped", "stale")}
+    finally:
+        ray.get(pool.cancel_batch.remote(stream.batch_id, "test over"))
+        workers.stop()
+        ray.kill(pool)
