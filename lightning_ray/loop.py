@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 from tqdm import tqdm
 
@@ -39,6 +38,7 @@ from lightning_ray.monitor.busy import BusyClock
 from lightning_ray.monitor.metrics import record_batch_metrics, record_step_metrics
 from lightning_ray.monitor.run_log import RunLog, step_line
 from lightning_ray.monitor.staleness import stale_share, staleness_metrics
+from lightning_ray.monitor.step_metrics import busy_metrics, rollout_metrics, sync_metrics
 from lightning_ray.monitor.summary import check_failure_rate
 from lightning_ray.monitor.watchdog import PROBE_TIMEOUT_S, Watchdog
 from lightning_ray.rollouts.collect import Batch, first_tasks, held_out_scores
@@ -53,7 +53,7 @@ from lightning_ray.scale import write_run_address
 from lightning_ray.sft_loop import best_of_groups, learner_metrics, run_file_steps, sft_files
 from lightning_ray.tasks.actor import task_pool_from_config
 from lightning_ray.view.app import start_view
-from lightning_ray.weights import sync_weights
+from lightning_ray.weights import OverlappedSync, sync_weights
 
 if TYPE_CHECKING:
     from lightning_ray.live.promotion import CanaryRelease
@@ -162,7 +162,9 @@ def run_steps(
 ) -> None:
     """Steps `start + 1` .. `trainer.steps`, then the stream's close (after the last checkpoint: a resumed run
     trains what the close drops as run_ended). `version` is the policy version the learners hold: the step's
-    number once every replica serves it, the last promoted one under a canary (`release`)."""
+    number, the last promoted one under a canary (`release`). With K >= 1 the replicas load a step's weights
+    while the next step goes on (`OverlappedSync`), except before a validation, a checkpoint and the end."""
+    overlap = OverlappedSync(learners, inference, cfg) if cfg.trainer.max_staleness and not release else None
     clock = BusyClock(inference, lambda: stream.workers.handles)
     version = start
     for step in range(start + 1, cfg.trainer.steps + 1):
@@ -185,19 +187,25 @@ def run_steps(
             metrics.update(learner_metrics(learned, cfg.algorithm))
         watchdog.beat()
         t2 = time.perf_counter()
-        if release is None:
-            synced, held = sync_weights(learners, inference, step, cfg), step
-        else:
+        validating = val_pool is not None and step % cfg.trainer.val_every == 0
+        if release is not None:
             synced, held = release(step, stream, watchdog.beat)
             metrics.update(release.metrics())
+            start_groups(cfg, stream, step)
+        elif overlap is None:
+            synced, held = sync_weights(learners, inference, step, cfg), step
+            start_groups(cfg, stream, step)
+        else:  # the row reports the sync that ended during the step: the one before, or this one below
+            synced, held = overlap.start(step, lambda step=step: start_groups(cfg, stream, step)), step
+            if waits_for_sync(cfg, step, validating):
+                synced = overlap.finish()
         watchdog.beat()
-        if step < cfg.trainer.steps:
-            stream.top_up(step)  # groups start on the new weights at once
         stream.ledger.trained(batch.records, version)
         version = held
         t3 = time.perf_counter()
         metrics.update({"time/rollout_s": t1 - t0, "time/learner_s": t2 - t1, "time/broadcast_s": t3 - t2})
-        metrics.update(sync_metrics(synced))
+        if synced:
+            metrics.update(sync_metrics(synced))
         replicas = replica_counts(inference.app_name)  # `inference.autoscaling` moves them
         metrics["inference/replicas"] = replicas["running"]
         metrics["inference/replicas_target"] = replicas["target"]
@@ -206,12 +214,26 @@ def run_steps(
         metrics.update(stale_share(ended))
         metrics.update(stream.workers.metrics())
 
-        if val_pool is not None and step % cfg.trainer.val_every == 0:
+        if validating:
             metrics.update(validate(cfg, val_pool, stream.workers))
         metrics["time/step_s"] = time.perf_counter() - t0  # the checkpoint below not included
         metrics.update(busy_metrics(clock, metrics))
         end_step(cfg, step, metrics, log, watchdog, lambda s: save(run_dir, s, learners, stream.pool, stream))
     stream.close(version)
+
+
+def start_groups(cfg: Config, stream: RolloutStream, step: int) -> None:
+    """Once the replicas serve step `step`'s weights, groups start on them at once (none after the last step)."""
+    if step < cfg.trainer.steps:
+        stream.top_up(step)
+
+
+def waits_for_sync(cfg: Config, step: int, validating: bool) -> bool:
+    """Whether step `step` ends with every replica on its weights under `OverlappedSync`: before its validation
+    (scored on them), before its checkpoint (the stream and the data position hold still while it saves), and
+    at the end of the run."""
+    every = cfg.trainer.checkpoint_every
+    return step == cfg.trainer.steps or validating or bool(every and step % every == 0)
 
 
 def end_step(
@@ -292,48 +314,6 @@ def next_batch(stream: RolloutStream, version: int, step: int) -> Batch:
             bar.refresh()
 
         return stream.next_batch(version, on_group)
-
-
-def busy_metrics(clock: BusyClock, m: dict[str, Any]) -> dict[str, float]:
-    """Busy fractions of each part over the step; what is not busy waited on another part."""
-    wall = max(m["time/step_s"], 1e-9)
-    return {
-        **clock.fractions(),
-        "time/learner_busy_frac": m["time/learner_s"] / wall,
-        "time/sync_busy_frac": m["time/broadcast_s"] / wall,
-    }
-
-
-def rollout_metrics(batch: Batch) -> dict[str, Any]:
-    """What the step's rollouts did: all of them, as `rollout/rollouts` counts them, the groups dropped before
-    training (zero variance, stale) included, but not the rollouts of groups cut before they ended (the ledger
-    has them: `ledger/dropped/stale`); `rollout/llm_calls_trained` is the part that trains."""
-    s = batch.summary
-    calls = batch.calls_used()
-    out = {
-        "rollout/success_rate": s.success_rate,
-        "rollout/reward_mean": s.reward_mean,
-        "rollout/reward_std": s.reward_std,
-        "rollout/rollouts": s.num_rollouts,
-        "rollout/llm_calls": calls.num_rows,
-        "rollout/llm_calls_trained": batch.transitions.num_rows,
-        "rollout/tokens": pc.sum(pc.list_value_length(calls["response_ids"])).as_py() or 0,
-        "rollout/groups_cut": batch.cut,
-    }
-    out.update({f"rollout/failures/{k}": n for k, n in s.failures_by_kind.items()})
-    if batch.transitions.num_rows:
-        out["rollout/policy_version"] = pc.min(batch.transitions["policy_version"]).as_py()
-    return out
-
-
-def sync_metrics(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The policy version every replica now serves (the lowest, should one lag) and how the weights went."""
-    return {
-        "sync/version": min(r["policy_version"] for r in results),
-        "sync/replicas": len(results),
-        "sync/replica_max_s": max(r["total_s"] for r in results),
-        "sync/fallbacks": sum(r["path"] == "object_store_fallback" for r in results),
-    }
 
 
 def training_table(

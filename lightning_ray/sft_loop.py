@@ -25,6 +25,7 @@ from lightning_ray.data.schema import write_parquet
 from lightning_ray.data.sft_files import SftFiles, load_sft_files
 from lightning_ray.learner.group import LearnerGroup
 from lightning_ray.monitor.run_log import RunLog
+from lightning_ray.monitor.step_metrics import sync_metrics
 from lightning_ray.monitor.watchdog import Watchdog
 from lightning_ray.rollouts.collect import Batch
 from lightning_ray.rollouts.ledger import Ledger
@@ -86,7 +87,7 @@ def run_file_steps(
 ) -> None:
     """Steps `start + 1` .. `trainer.steps` on `files` (`sft.source: files`). Each step's calls go to
     RUN_DIR/trajectories/step-N.parquet as a GRPO step's do, so the run page shows what trained."""
-    from lightning_ray.loop import end_step, sync_metrics, training_rows, validate  # loop imports us
+    from lightning_ray.loop import end_step, training_rows, validate  # loop imports us
 
     for step in range(start + 1, cfg.trainer.steps + 1):
         t0 = time.perf_counter()

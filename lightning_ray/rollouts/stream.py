@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -112,6 +113,9 @@ class RolloutStream:
         # Groups beyond the budget would go stale at K = 0 before any step could use them.
         self.extra = math.ceil(cfg.trainer.over_provision * self.batch_size) if self.max_staleness else 0
         self.first_version = version
+        self.serving = version  # the version the replicas serve: new groups start on it (`top_up`)
+        # `top_up` may run on the weight sync's thread (`OverlappedSync`) while the driver takes a batch
+        self.lock = threading.RLock()
         self.batch_id = self.call(pool.open_batch.remote(cfg.algorithm.group_size), "open_batch")
         workers.serve(self.batch_id, pool)
         self.started = 0  # groups started, replacements included
@@ -130,14 +134,17 @@ class RolloutStream:
         steps = version - self.first_version + self.max_staleness + 1
         return steps * self.batch_size + self.extra + self.replaced
 
-    def top_up(self, version: int) -> None:
-        """Start groups up to the budget of `version` (stale groups to re-run first, then new tasks)."""
-        n = self.budget(version) - self.started
-        if n <= 0:
-            return
-        again, self.requeue = self.requeue[:n], self.requeue[n:]
-        self.call(self.pool.add_groups.remote(self.batch_id, n - len(again), again), "add_groups")
-        self.started += n
+    def top_up(self, version: int | None = None) -> None:
+        """Start groups up to the budget of `version`, which the replicas now serve (None: the version they
+        served at the last call); stale groups to re-run first, then new tasks."""
+        with self.lock:
+            self.serving = max(self.serving, version) if version is not None else self.serving
+            n = self.budget(self.serving) - self.started
+            if n <= 0:
+                return
+            again, self.requeue = self.requeue[:n], self.requeue[n:]
+            self.call(self.pool.add_groups.remote(self.batch_id, n - len(again), again), "add_groups")
+            self.started += n
 
     def resume(self, saved: SavedStream) -> None:
         """Continue a checkpointed stream: its complete untrained groups are trained first; the groups that
@@ -172,7 +179,7 @@ class RolloutStream:
         consumed = 0  # K = 0: every complete group counts towards the batch, used or not
         while len(chosen) < self.batch_size and not (self.max_staleness == 0 and consumed >= self.batch_size):
             if not self.ready:
-                self.top_up(version)
+                self.top_up()
                 self.workers.check()
                 self.take_complete(self.batch_size, WAIT_S)
                 continue
@@ -213,9 +220,10 @@ class RolloutStream:
         why = f"a call older than policy version {floor}"
         cut = self.call(self.pool.cut_groups.remote(self.batch_id, stale, "stale", why), "cut_groups")
         self.workers.cancel_groups(self.batch_id, cut)
-        self.cut.update(cut)
-        self.replaced += len(cut)
-        self.top_up(version)
+        with self.lock:
+            self.cut.update(cut)
+            self.replaced += len(cut)
+        self.top_up()  # on the version the replicas serve (a sync still running starts them when it ends)
         return len(cut)
 
     def take_complete(self, max_n: int | None, wait_s: float) -> None:
@@ -245,11 +253,12 @@ class RolloutStream:
 
     def drop(self, group: Group, reason: str, version: int) -> None:
         self.ledger.dropped(group.records, reason, version)
-        if reason == "stale" and self.cfg.trainer.stale_groups == "requeue":
-            self.requeue.append(group.task_id)
-        if self.max_staleness > 0 and group.group_id not in self.cut:
-            self.replaced += 1
-        self.cut.discard(group.group_id)
+        with self.lock:
+            if reason == "stale" and self.cfg.trainer.stale_groups == "requeue":
+                self.requeue.append(group.task_id)
+            if self.max_staleness > 0 and group.group_id not in self.cut:
+                self.replaced += 1
+            self.cut.discard(group.group_id)
         self.call(self.pool.forget_groups.remote(self.batch_id, [group.group_id]), "forget_groups")
 
     def as_batch(self, groups: list[Group], seconds: float) -> Batch:

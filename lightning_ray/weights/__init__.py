@@ -28,6 +28,9 @@ module that ends with `PATH = WeightPath(...)`, and its line in `PATHS` below.
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from ray.exceptions import RayError
@@ -71,17 +74,68 @@ def sync_weights(learners: LearnerGroup, replicas: Any, version: int, cfg: Confi
     update is waited for (up to `inference.weight_sync_timeout_s`) and brought to `version`; otherwise a
     `WeightSyncError` names it (`recovery.converge`)."""
     ctx = sync_context(learners, replicas, cfg)
+    return every_replica_on(ctx, version, lambda: PATHS[cfg.inference.weight_sync].sync(ctx, version))
+
+
+def every_replica_on(
+    ctx: SyncContext, version: int, update: Callable[[], list[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """Run a path's `update`, make sure `version` is published, and bring every replica to it (`converge`)."""
     try:
-        results = PATHS[cfg.inference.weight_sync].sync(ctx, version)
+        results = update()
     except REPLICA_FAILURES as err:
         if not update_lost(err):
             raise
         log.warning("a replica was lost while syncing weights of version %d: %s", version, first_line(err))
         results = []
-    published = registry.current(replicas.app_name)
+    published = registry.current(ctx.replicas.app_name)
     if published is None or published.version != version:
-        registry.publish(replicas.app_name, version, ctx.send(object_store.NAME, {}))
-    return converge(replicas, version, ctx.timeout_s, results)
+        registry.publish(ctx.replicas.app_name, version, ctx.send(object_store.NAME, {}))
+    return converge(ctx.replicas, version, ctx.timeout_s, results)
+
+
+class OverlappedSync:
+    """Weight syncs whose replica side overlaps the driver's next step (`trainer.max_staleness` >= 1): the
+    learners hand the weights off (`object_store.hand_off`, a `ray.put`) and may train on at once, while on a
+    thread of its own every replica drains, loads and comes to serve the version, then `then()` runs (the
+    stream starts groups on the new weights). With `on_update: finish` the drain waits for the requests in
+    flight, seconds on a busy engine, which the learner no longer waits for. One sync at a time: `start`
+    first waits for the one before. The other paths need the learners while the replicas load; they sync
+    whole in `start`."""
+
+    def __init__(self, learners: LearnerGroup, replicas: Any, cfg: Config) -> None:
+        self.ctx, self.cfg = sync_context(learners, replicas, cfg), cfg
+        self.pending: Future[list[dict[str, Any]]] | None = None
+
+    def start(self, version: int, then: Callable[[], None]) -> list[dict[str, Any]]:
+        """Start the sync to `version`; returns the results of the sync that ended meanwhile: the one before
+        (none: []), or on a path that syncs whole, this one."""
+        before = self.finish()
+        if self.cfg.inference.weight_sync != object_store.NAME:
+            synced = sync_weights(self.ctx.learners, self.ctx.replicas, version, self.cfg)
+            then()
+            return synced
+        state = object_store.hand_off(self.ctx)
+
+        self.pending = pending = Future()
+
+        def load() -> None:  # a daemon thread: a run that stops meanwhile does not wait for it
+            try:
+                results = every_replica_on(
+                    self.ctx, version, lambda: object_store.load(self.ctx, version, state)
+                )
+                then()
+                pending.set_result(results)
+            except BaseException as e:
+                pending.set_exception(e)
+
+        threading.Thread(target=load, name=f"weight-sync-v{version}", daemon=True).start()
+        return before
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Wait for the sync in progress (its failure is raised here); its results, or [] if none runs."""
+        pending, self.pending = self.pending, None
+        return pending.result() if pending is not None else []
 
 
 def close_weight_sync(learners: LearnerGroup, replicas: Any, cfg: Config) -> None:

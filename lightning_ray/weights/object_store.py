@@ -47,8 +47,17 @@ async def stage(payload: dict[str, Any], tag: str) -> AsyncIterator[str]:
 
 
 def sync(ctx: SyncContext, version: int) -> list[dict[str, Any]]:
-    """Rank 0 puts the state once; it is published (a replica starting from now on loads it), then loaded."""
-    state = ctx.send(NAME, {})
+    """Rank 0 puts the state once (`hand_off`), then every replica loads it (`load`)."""
+    return load(ctx, version, hand_off(ctx))
+
+
+def hand_off(ctx: SyncContext) -> ray.ObjectRef:
+    """The learners' part: rank 0 puts the state in the object store; from then on the learners may step."""
+    return ctx.send(NAME, {})
+
+
+def load(ctx: SyncContext, version: int, state: ray.ObjectRef) -> list[dict[str, Any]]:
+    """The replicas' part: the state is published (a replica starting from now on loads it), then loaded."""
     registry.publish(ctx.replicas.app_name, version, state)
     return ctx.update(NAME, {"state": [state]}, version)
 

@@ -105,13 +105,15 @@ def test_synchronous_k0_trains_only_current_policy_tokens(inference, tiny_config
 
 def test_k1_never_trains_a_token_older_than_one_version(inference, tiny_config, tmp_path):
     cfg = async_config(tiny_config, tmp_path, steps=4, staleness=1)
-    cfg.trainer.over_provision = 0.5
+    cfg.trainer.over_provision, cfg.trainer.checkpoint_every = 0.5, 0
     rows = {r["step"]: r for r in train(cfg)}
     run_dir = run_dir_of(tmp_path)
     for step in range(1, 5):
         versions = trained_versions(run_dir, step)
         assert versions.min() >= step - 2 and versions.max() <= step - 1
         assert rows[step]["staleness/max"] <= 1
+    # The replicas loaded each step's weights while the next step went on; the last step waited for its own.
+    assert "sync/version" not in rows[1] and rows[2]["sync/version"] == 1 and rows[4]["sync/version"] == 4
     # Generation overlapped training: some step trained tokens of the version before its own.
     assert any(rows[s].get("staleness/tokens_behind_1", 0) > 0 for s in range(2, 5))
     assert_every_rollout_ends_once(run_dir, 4, cfg.trainer.tasks_per_step, cfg.trainer.max_staleness)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lightning_ray.data.schema import ROLLOUT_SCHEMA
-from lightning_ray.loop import rollout_metrics
+from lightning_ray.monitor.step_metrics import rollout_metrics
 from lightning_ray.monitor.summary import summarize_batch
 from lightning_ray.rollouts.collect import Batch
 from tests.unit.test_merge import row, table
