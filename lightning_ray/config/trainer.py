@@ -41,8 +41,8 @@ class TrainerConfig(Section):
     )
     stale_groups: Literal["drop", "requeue"] = Field(
         "drop",
-        description="K >= 1: a group that completes more than K versions behind is dropped (and counted), or its "
-        "task runs again as a new group ('requeue').",
+        description="K >= 1: a group more than K versions behind (when it completes, or cut while it runs once no "
+        "later batch could train it) is dropped (and counted), or its task runs again as a new group ('requeue').",
     )
     over_provision: float = Field(
         0.0,
