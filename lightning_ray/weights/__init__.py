@@ -16,6 +16,9 @@ rank, on the 2-core development box (median of 5, `benchmarks/results/weight_syn
 * `ipc` (`ipc.py`): rank 0 packs the tensors into a few buffers and hands out handles to them (CUDA IPC on
   a GPU, shared-memory files on the host); nothing is copied on the way.
 
+With `trainer.max_staleness` >= 1 the loop overlaps the replicas' side of each sync with its next step
+(`OverlappedSync`): the learners only wait for rank 0's hand-off.
+
 Every sync also publishes `(version, state ref)` in the app's registry (`registry.py`), which a replica that
 Serve restarts or adds loads before it takes traffic; a replica lost during a sync is waited for and brought
 to the new version (`recovery.py`).
@@ -116,7 +119,6 @@ class OverlappedSync:
             then()
             return synced
         state = object_store.hand_off(self.ctx)
-
         self.pending = pending = Future()
 
         def load() -> None:  # a daemon thread: a run that stops meanwhile does not wait for it

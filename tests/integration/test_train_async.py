@@ -156,8 +156,8 @@ def test_k1_resume_mid_stream_loses_and_repeats_nothing(inference, tiny_config, 
 def test_k1_cuts_groups_too_stale_for_any_later_batch_and_starts_their_replacements(
     inference, tiny_config, tmp_path
 ):
-    """Groups that made a call on version 0 and still run once the batch of version 1 is taken can never be
-    trained at K = 1: the stream ends them at once (their agents would sleep 60 s more), frees their workers'
+    """Groups that made a call on the version v the replicas serve and still run once the batch of v + 1 is
+    taken can never be trained at K = 1: the stream ends them at once (their agents would sleep 60 s more), frees their workers'
     slots for the replacements it starts, and the ledger drops them as stale, not failed."""
     cfg = async_config(tiny_config, tmp_path, steps=1, staleness=1)
     tasks = tmp_path / "sleepers.jsonl"
@@ -170,25 +170,28 @@ def test_k1_cuts_groups_too_stale_for_any_later_batch_and_starts_their_replaceme
     cfg.rollout.concurrency = 4
     pool = task_pool_from_config(cfg, name="pool-cut")
     workers = RolloutWorkers(cfg, pool, prefix="cut")
-    stream = RolloutStream(cfg, pool, workers, Ledger(tmp_path / "ledger.jsonl"), version=0)
+    v = inference.policy_version.remote().result()  # the replicas are shared: earlier tests updated them
+    stream = RolloutStream(cfg, pool, workers, Ledger(tmp_path / "ledger.jsonl"), version=v)
     try:
-        stream.top_up(0)  # (0 + K + 1) * B = 2 groups, 4 rollouts: every slot of the worker
+        stream.top_up(v)  # (K + 1) * B = 2 groups, 4 rollouts: every slot of the worker
         deadline = time.monotonic() + 120
-        while workers.llm_calls() < 4:  # each has made its call on version 0 and sleeps
+        while workers.llm_calls() < 4:  # each has made its call on version v and sleeps
             assert time.monotonic() < deadline, "the rollouts did not make their calls"
             time.sleep(0.5)
-        assert stream.cut_stale(0) == 0  # the next batch (version 1) may still train version-0 calls
+        assert stream.cut_stale(v) == 0  # the next batch (version v + 1) may still train version-v calls
         t0 = time.monotonic()
-        assert stream.cut_stale(1) == 2  # the next batch (version 2) may not
+        assert stream.cut_stale(v + 1) == 2  # the next batch (version v + 2) may not
         stream.take_complete(None, 30.0)
         assert len(stream.ready) == 2 and time.monotonic() - t0 < 30
-        assert stream.started == 5  # both replaced at once, and the one group the budget of version 1 adds
+        assert (
+            stream.started == 5
+        )  # both replaced at once, and the one group the budget of version v + 1 adds
         while ray.get(pool.stats.remote(stream.batch_id))["leased"] < 4:  # the replacements got the slots
             assert time.monotonic() - t0 < 20, "the cut rollouts kept their workers' slots (asleep)"
             time.sleep(0.2)
         for group in list(stream.ready):
-            assert stream.drop_reason(group, 1) == "stale"
-            stream.drop(group, "stale", 1)
+            assert stream.drop_reason(group, v + 1) == "stale"
+            stream.drop(group, "stale", v + 1)
         assert stream.replaced == 2  # dropping a cut group does not replace it twice
         entries = read_ledger(tmp_path / "ledger.jsonl")
         assert len(entries) == 4 and {(e["outcome"], e["reason"]) for e in entries} == {("dropped", "stale")}
