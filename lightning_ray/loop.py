@@ -53,7 +53,7 @@ from lightning_ray.scale import write_run_address
 from lightning_ray.sft_loop import best_of_groups, learner_metrics, run_file_steps, sft_files
 from lightning_ray.tasks.actor import task_pool_from_config
 from lightning_ray.view.app import start_view
-from lightning_ray.weights import OverlappedSync, sync_weights
+from lightning_ray.weights import OverlappedSync, overlaps, sync_weights
 
 if TYPE_CHECKING:
     from lightning_ray.live.promotion import CanaryRelease
@@ -163,8 +163,8 @@ def run_steps(
     """Steps `start + 1` .. `trainer.steps`, then the stream's close (after the last checkpoint: a resumed run
     trains what the close drops as run_ended). `version` is the policy version the learners hold: the step's
     number, the last promoted one under a canary (`release`). With K >= 1 the replicas load a step's weights
-    while the next step goes on (`OverlappedSync`), except before a validation, a checkpoint and the end."""
-    overlap = OverlappedSync(learners, inference, cfg) if cfg.trainer.max_staleness and not release else None
+    while the next step goes on (`overlaps`), except before a validation, a checkpoint and the end."""
+    overlap = OverlappedSync(learners, inference, cfg) if overlaps(cfg) and release is None else None
     clock = BusyClock(inference, lambda: stream.workers.handles)
     version = start
     for step in range(start + 1, cfg.trainer.steps + 1):

@@ -97,27 +97,28 @@ def every_replica_on(
     return converge(ctx.replicas, version, ctx.timeout_s, results)
 
 
+def overlaps(cfg: Config) -> bool:
+    """Whether the loop overlaps each weight sync with its next step (`OverlappedSync`): K >= 1, and the
+    learners' part of the path ends at the hand-off (`object_store`)."""
+    return cfg.trainer.max_staleness > 0 and cfg.inference.weight_sync == object_store.NAME
+
+
 class OverlappedSync:
     """Weight syncs whose replica side overlaps the driver's next step (`trainer.max_staleness` >= 1): the
     learners hand the weights off (`object_store.hand_off`, a `ray.put`) and may train on at once, while on a
     thread of its own every replica drains, loads and comes to serve the version, then `then()` runs (the
     stream starts groups on the new weights). With `on_update: finish` the drain waits for the requests in
     flight, seconds on a busy engine, which the learner no longer waits for. One sync at a time: `start`
-    first waits for the one before. The other paths need the learners while the replicas load; they sync
-    whole in `start`."""
+    first waits for the one before. Only on the `object_store` path (`overlaps`): the others need the
+    learners while the replicas load."""
 
     def __init__(self, learners: LearnerGroup, replicas: Any, cfg: Config) -> None:
-        self.ctx, self.cfg = sync_context(learners, replicas, cfg), cfg
+        self.ctx = sync_context(learners, replicas, cfg)
         self.pending: Future[list[dict[str, Any]]] | None = None
 
     def start(self, version: int, then: Callable[[], None]) -> list[dict[str, Any]]:
-        """Start the sync to `version`; returns the results of the sync that ended meanwhile: the one before
-        (none: []), or on a path that syncs whole, this one."""
+        """Start the sync to `version`; returns the results of the one before (none: [])."""
         before = self.finish()
-        if self.cfg.inference.weight_sync != object_store.NAME:
-            synced = sync_weights(self.ctx.learners, self.ctx.replicas, version, self.cfg)
-            then()
-            return synced
         state = object_store.hand_off(self.ctx)
         self.pending = pending = Future()
 
