@@ -114,6 +114,7 @@ class RolloutStream:
         self.extra = math.ceil(cfg.trainer.over_provision * self.batch_size) if self.max_staleness else 0
         self.first_version = version
         self.serving = version  # the version the replicas serve: new groups start on it (`top_up`)
+        self.floor = version - self.max_staleness  # the oldest version a batch still to be taken accepts
         # `top_up` may run on the weight sync's thread (`OverlappedSync`) while the driver takes a batch
         self.lock = threading.RLock()
         self.batch_id = self.call(pool.open_batch.remote(cfg.algorithm.group_size), "open_batch")
@@ -136,11 +137,13 @@ class RolloutStream:
 
     def top_up(self, version: int | None = None) -> None:
         """Start groups up to the budget of `version`, which the replicas now serve (None: the version they
-        served at the last call); stale groups to re-run first, then new tasks."""
+        served at the last call); stale groups to re-run first, then new tasks. None starts while the replicas
+        serve a version no later batch accepts (a batch was taken while the sync that follows it still ran):
+        such a group could only be cut; they start when the sync ends."""
         with self.lock:
             self.serving = max(self.serving, version) if version is not None else self.serving
             n = self.budget(self.serving) - self.started
-            if n <= 0:
+            if n <= 0 or self.serving < self.floor:
                 return
             again, self.requeue = self.requeue[:n], self.requeue[n:]
             self.call(self.pool.add_groups.remote(self.batch_id, n - len(again), again), "add_groups")
@@ -213,7 +216,8 @@ class RolloutStream:
         `version + 1 - K`: end the running groups that have one now (`TaskPool.cut_groups`; the workers stop
         their rollouts) and start their replacements, rather than let them run to their end only to be dropped
         as stale. Returns how many groups it cut; they are dropped as `stale` when the stream takes them."""
-        floor = version + 1 - self.max_staleness
+        with self.lock:
+            self.floor = floor = version + 1 - self.max_staleness
         stale = self.workers.stale_groups(self.batch_id, floor, self.cfg.rollout.train_agents)
         if not stale:
             return 0
@@ -223,7 +227,7 @@ class RolloutStream:
         with self.lock:
             self.cut.update(cut)
             self.replaced += len(cut)
-        self.top_up()  # on the version the replicas serve (a sync still running starts them when it ends)
+        self.top_up()  # on the version the replicas serve; if a later batch cannot train it, once the sync ends
         return len(cut)
 
     def take_complete(self, max_n: int | None, wait_s: float) -> None:

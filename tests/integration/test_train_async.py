@@ -157,8 +157,9 @@ def test_k1_cuts_groups_too_stale_for_any_later_batch_and_starts_their_replaceme
     inference, tiny_config, tmp_path
 ):
     """Groups that made a call on the version v the replicas serve and still run once the batch of v + 1 is
-    taken can never be trained at K = 1: the stream ends them at once (their agents would sleep 60 s more), frees their workers'
-    slots for the replacements it starts, and the ledger drops them as stale, not failed."""
+    taken can never be trained at K = 1: the stream ends them at once (their agents would sleep 60 s more),
+    frees their workers' slots for the replacements it starts once the replicas serve a version a later batch
+    accepts, and the ledger drops them as stale, not failed."""
     cfg = async_config(tiny_config, tmp_path, steps=1, staleness=1)
     tasks = tmp_path / "sleepers.jsonl"
     tasks.write_text("".join(f'{{"id": "s{i}", "mode": "sleep", "question": "q{i}?"}}\n' for i in range(6)))
@@ -183,7 +184,11 @@ def test_k1_cuts_groups_too_stale_for_any_later_batch_and_starts_their_replaceme
         assert stream.cut_stale(v + 1) == 2  # the next batch (version v + 2) may not
         stream.take_complete(None, 30.0)
         assert len(stream.ready) == 2 and time.monotonic() - t0 < 30
-        assert stream.started == 4  # both replaced at once, on the version the replicas serve
+        # no later batch accepts a group started on version v: the replacements wait for the replicas to serve
+        # v + 1, whose sync starts them (as `OverlappedSync` does once the replicas load it)
+        assert stream.started == 2
+        stream.top_up(v + 1)
+        assert stream.started == 5  # the 2 replacements, and the group the budget of version v + 1 adds
         while ray.get(pool.stats.remote(stream.batch_id))["leased"] < 4:  # the replacements got the slots
             assert time.monotonic() - t0 < 20, "the cut rollouts kept their workers' slots (asleep)"
             time.sleep(0.2)
