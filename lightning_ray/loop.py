@@ -169,7 +169,7 @@ def run_steps(
     version = start
     for step in range(start + 1, cfg.trainer.steps + 1):
         t0 = time.perf_counter()
-        batch = next_batch(stream, version, step)
+        batch = next_batch(stream, version, step, overlap.check if overlap else None)
         record_batch_metrics(batch.summary, run=cfg.trainer.name)
         # how each rollout ended, and every call the step used up (the ledger says which trained), before
         # the failure-rate check can stop the run
@@ -301,7 +301,7 @@ def write_summary(
     replace_file(run_dir / "summary.json", lambda tmp: tmp.write_text(text), f"writing the summary{ended}")
 
 
-def next_batch(stream: RolloutStream, version: int, step: int) -> Batch:
+def next_batch(stream: RolloutStream, version: int, step: int, check: Callable[[], None] | None) -> Batch:
     """The stream's next batch, with a progress bar of the groups chosen (and dropped) so far."""
     dropped = 0
     with tqdm(total=stream.batch_size, desc=f"step {step} groups", leave=False, dynamic_ncols=True) as bar:
@@ -313,7 +313,7 @@ def next_batch(stream: RolloutStream, version: int, step: int) -> Batch:
             bar.set_postfix(dropped=dropped, refresh=False)
             bar.refresh()
 
-        return stream.next_batch(version, on_group)
+        return stream.next_batch(version, on_group, check)
 
 
 def training_table(

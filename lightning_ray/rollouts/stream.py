@@ -114,7 +114,7 @@ class RolloutStream:
         self.extra = math.ceil(cfg.trainer.over_provision * self.batch_size) if self.max_staleness else 0
         self.first_version = version
         self.serving = version  # the version the replicas serve: new groups start on it (`top_up`)
-        self.floor = version - self.max_staleness  # the oldest version a batch still to be taken accepts
+        self.floor = version  # no group starts on a version older (`gathering`)
         # `top_up` may run on the weight sync's thread (`OverlappedSync`) while the driver takes a batch
         self.lock = threading.RLock()
         self.batch_id = self.call(pool.open_batch.remote(cfg.algorithm.group_size), "open_batch")
@@ -137,13 +137,12 @@ class RolloutStream:
 
     def top_up(self, version: int | None = None) -> None:
         """Start groups up to the budget of `version`, which the replicas now serve (None: the version they
-        served at the last call); stale groups to re-run first, then new tasks. None starts while the replicas
-        serve a version no later batch accepts (a batch was taken while the sync that follows it still ran):
-        such a group could only be cut; they start when the sync ends."""
+        served at the last call); stale groups to re-run first, then new tasks. None starts on a version older
+        than `floor` (`gathering`)."""
         with self.lock:
             self.serving = max(self.serving, version) if version is not None else self.serving
             n = self.budget(self.serving) - self.started
-            if n <= 0 or self.serving < self.floor:
+            if n <= 0 or self.serving < self.floor:  # `then` of the sync in progress starts them
                 return
             again, self.requeue = self.requeue[:n], self.requeue[n:]
             self.call(self.pool.add_groups.remote(self.batch_id, n - len(again), again), "add_groups")
@@ -168,14 +167,21 @@ class RolloutStream:
 
     # ------------------------------------------------------------------ batches
 
-    def next_batch(self, version: int, on_group: Callable[[int, str | None], None] | None = None) -> Batch:
+    def next_batch(
+        self,
+        version: int,
+        on_group: Callable[[int, str | None], None] | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> Batch:
         """The groups version `version` trains on (see the module docstring); blocks until they are complete.
 
         The batch's tables and records are the chosen groups'; its summary covers every group the step used
         up, dropped ones included, so failure rates count every rollout that ended; `dropped` holds the calls
         of the groups it did not choose (the run directory keeps them too). `on_group(chosen, reason)`
-        is told about each group taken (reason None: chosen)."""
+        is told about each group taken (reason None: chosen); `check()`, at each wait, raises what stops the
+        run (the failure of a weight sync)."""
         t0 = time.perf_counter()
+        self.gathering(version)
         chosen: list[Group] = []
         dropped: list[Group] = []
         ended: list[Any] = []
@@ -184,6 +190,8 @@ class RolloutStream:
             if not self.ready:
                 self.top_up()
                 self.workers.check()
+                if check is not None:
+                    check()
                 self.take_complete(self.batch_size, WAIT_S)
                 continue
             group = self.ready.popleft()
@@ -201,7 +209,7 @@ class RolloutStream:
                 break  # K >= 1 would replace failed groups forever: the loop's failure-rate check stops here
         batch = self.as_batch(chosen, time.perf_counter() - t0)
         batch.summary = summarize_batch(ran(ended))
-        batch.cut = self.cut_stale(version) if self.max_staleness else 0
+        batch.cut = self.cut_stale() if self.max_staleness else 0
         batch.dropped = pa.concat_tables([g.transitions for g in dropped]) if dropped else None
         used = [g.rollouts for g in chosen + dropped]
         batch.ended = rollout_records(ended, pa.concat_tables(used) if used else _empty("rollouts"))
@@ -211,13 +219,22 @@ class RolloutStream:
         """Whether more than `rollout.max_failure_rate` of the rollouts ended so far failed."""
         return summarize_batch(ran(ended)).failure_rate > self.cfg.rollout.max_failure_rate
 
-    def cut_stale(self, version: int) -> int:
-        """Once the batch of `version` is taken, no later batch can train a group with a call older than
-        `version + 1 - K`: end the running groups that have one now (`TaskPool.cut_groups`; the workers stop
-        their rollouts) and start their replacements, rather than let them run to their end only to be dropped
-        as stale. Returns how many groups it cut; they are dropped as `stale` when the stream takes them."""
+    def gathering(self, version: int) -> None:
+        """The batch of `version` is the next to take. With K >= 1, a group that starts now could only enter
+        a batch after it (it would complete too late for this one), which accepts version `version + 1 - K` on:
+        no group starts on an older one (`floor`). Only the overlapped sync (`weights.OverlappedSync`) leaves
+        the replicas on an older version now, for the second it takes: a group started on it would be cut
+        a step later (`cut_stale`), its generation thrown away. K = 0 waits for the groups started on
+        `version` itself."""
         with self.lock:
-            self.floor = floor = version + 1 - self.max_staleness
+            self.floor = version + 1 - self.max_staleness if self.max_staleness else version
+
+    def cut_stale(self) -> int:
+        """Once the batch being gathered is taken, no later batch can train a group with a call older than
+        `floor`: end the running groups that have one now (`TaskPool.cut_groups`; the workers stop their
+        rollouts) and start their replacements, rather than let them run to their end only to be dropped as
+        stale. Returns how many groups it cut; they are dropped as `stale` when the stream takes them."""
+        floor = self.floor
         stale = self.workers.stale_groups(self.batch_id, floor, self.cfg.rollout.train_agents)
         if not stale:
             return 0
@@ -227,7 +244,7 @@ class RolloutStream:
         with self.lock:
             self.cut.update(cut)
             self.replaced += len(cut)
-        self.top_up()  # on the version the replicas serve; if a later batch cannot train it, once the sync ends
+        self.top_up()  # on the version the replicas serve, or once they serve `floor`
         return len(cut)
 
     def take_complete(self, max_n: int | None, wait_s: float) -> None:

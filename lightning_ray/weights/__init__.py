@@ -135,6 +135,13 @@ class OverlappedSync:
         threading.Thread(target=load, name=f"weight-sync-v{version}", daemon=True).start()
         return before
 
+    def check(self) -> None:
+        """Raise now the failure of a sync that ended in one, while the stream waits for a batch: no group
+        starts on a version the replicas never came to serve (`RolloutStream.gathering`), so the batch would
+        otherwise wait for `trainer.stall_timeout_s`."""
+        if self.pending is not None and self.pending.done():
+            self.pending.result()
+
     def finish(self) -> list[dict[str, Any]]:
         """Wait for the sync in progress (its failure is raised here); its results, or [] if none runs."""
         pending, self.pending = self.pending, None

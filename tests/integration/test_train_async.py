@@ -179,9 +179,11 @@ def test_k1_cuts_groups_too_stale_for_any_later_batch_and_starts_their_replaceme
         while workers.llm_calls() < 4:  # each has made its call on version v and sleeps
             assert time.monotonic() < deadline, "the rollouts did not make their calls"
             time.sleep(0.5)
-        assert stream.cut_stale(v) == 0  # the next batch (version v + 1) may still train version-v calls
+        stream.gathering(v)
+        assert stream.cut_stale() == 0  # the next batch (version v + 1) may still train version-v calls
         t0 = time.monotonic()
-        assert stream.cut_stale(v + 1) == 2  # the next batch (version v + 2) may not
+        stream.gathering(v + 1)
+        assert stream.cut_stale() == 2  # the next batch (version v + 2) may not
         stream.take_complete(None, 30.0)
         assert len(stream.ready) == 2 and time.monotonic() - t0 < 30
         # no later batch accepts a group started on version v: the replacements wait for the replicas to serve
