@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -261,7 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--k0-old-logprobs", default="decoupled", help="algorithm.old_logprobs for K = 0 (or recompute)"
     )
-    parser.add_argument("--over-provision", type=float, default=0.0, help="trainer.over_provision for K >= 1")
+    parser.add_argument(
+        "--over-provision",
+        type=float,
+        default=0.0,
+        help="trainer.over_provision for K >= 1 (spare groups: this times --tasks, rounded up)",
+    )
     parser.add_argument("--stale-groups", default="drop", help="trainer.stale_groups for K >= 1")
     parser.add_argument("--on-update", choices=["finish", "interrupt"], help="inference.on_update (config's)")
     parser.add_argument(
@@ -354,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             "rollout_concurrency": args.concurrency,
             "old_logprobs": {"K=0": args.k0_old_logprobs, "K>=1": args.old_logprobs},
             "over_provision": args.over_provision,
+            "spare_groups": math.ceil(args.over_provision * args.tasks),  # as RolloutStream rounds it
             "stale_groups": args.stale_groups,
             "on_update": args.on_update or "(config default)",
             "extra_overrides": args.override,

@@ -337,6 +337,11 @@ def main() -> None:
     )
     parser.add_argument("--tokens", type=int, default=16, help="max_tokens of every call")
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument(
+        "--engine-threads",
+        help="inference.engine_threads of the engine and the peer (the config's `auto`: every core, which the "
+        "caller's client and gateway then take from the engine; 1 on 2 cores leaves the caller a core of its own)",
+    )
     args = parser.parse_args()
 
     import ray
@@ -360,6 +365,7 @@ def main() -> None:
             "inference.num_cpus_per_replica=1",
             f"inference.max_num_seqs={max(32, args.concurrency)}",
             f"inference.sampling.max_tokens={args.tokens}",
+            *([f"inference.engine_threads={args.engine_threads}"] if args.engine_threads else []),
         ],
         check_files=False,
     )
@@ -391,6 +397,7 @@ def main() -> None:
         "engine_start_s": round(start_s, 1),
         "vllm_openai_start_s": round(peer_start_s, 1),
         "gateway_placement": "sidecar in the caller's event loop (as in a RolloutWorker)",
+        "engine_threads": cfg.inference.engine_threads,
         "machine": f"{os.cpu_count()} CPU cores",
         "load_avg_1m_before_after": [load_before, load_avg()],
         "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()) + " UTC",
@@ -400,6 +407,7 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     suffix = "" if args.model == "tiny" else "_" + args.model.removeprefix("builtin:").replace("/", "_")
     suffix += "" if args.tokens == 16 else f"_tokens{args.tokens}"
+    suffix += f"_threads{args.engine_threads}" if args.engine_threads else ""
     out = Path(__file__).parent / "results" / f"gateway_overhead{suffix}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -47,8 +47,10 @@ class TrainerConfig(Section):
     over_provision: float = Field(
         0.0,
         ge=0,
-        description="K >= 1: extra groups kept in flight, as a fraction of tasks_per_step, so that groups dropped "
-        "(zero variance, stale, failed) are replaced without a wait.",
+        description="K >= 1: extra groups kept in flight, as a fraction of tasks_per_step rounded up to whole "
+        "groups (0.33 of 3 is 1 group, 0.34 is 2), so that a step takes the first groups to finish and groups "
+        "dropped (zero variance, stale, failed) are replaced without a wait. At K = 1 each spare group is cut "
+        "in most steps (a later batch could not train it), its generation spent.",
     )
     stall_timeout_s: float = Field(
         600.0,

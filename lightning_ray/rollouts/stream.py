@@ -13,7 +13,8 @@ them, trains on those with a learning signal (zero-variance groups drop out, as 
 B start only on the new weights. With K >= 1 a step takes the first B usable groups: a group dropped (zero
 variance, stale, every rollout failed) is replaced by a new one, so the step never trains on less; and once a
 batch is taken, a group still running with a call too old for any later batch is cut at once and replaced
-(`cut_stale`), rather than run to its end only to be dropped. Under a canary (`serve --learn`,
+(`cut_stale`), rather than run to its end only to be dropped; no group starts on a version too old for the
+batch after the one being gathered (`gathering`). Under a canary (`serve --learn`,
 `lightning_ray.live.promotion`) `v` is the last promoted version, and a group with a token from a version the
 canary rolled back is dropped (`rolled_back`).
 
