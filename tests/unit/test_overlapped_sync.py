@@ -10,9 +10,8 @@ from lightning_ray.weights import OverlappedSync
 
 
 def sync_in_progress() -> OverlappedSync:
-    sync = OverlappedSync.__new__(
-        OverlappedSync
-    )  # no learners or replicas: only the sync in progress matters
+    # no learners or replicas: only the sync in progress matters here
+    sync = OverlappedSync.__new__(OverlappedSync)
     sync.pending = Future()
     return sync
 
