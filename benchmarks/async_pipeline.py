@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shlex
@@ -65,6 +64,7 @@ from benchmarks.async_pipeline_report import (
 )
 from benchmarks.slow_tool_agent import ToolLatency, summarize_waits
 from lightning_ray.config import ConfigError, load_config
+from lightning_ray.rollouts.stream import spare_groups
 
 CONFIG = "configs/quickstart.yaml"
 AGENT = "benchmarks.slow_tool_agent:slow_calc_agent"
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             "rollout_concurrency": args.concurrency,
             "old_logprobs": {"K=0": args.k0_old_logprobs, "K>=1": args.old_logprobs},
             "over_provision": args.over_provision,
-            "spare_groups": math.ceil(args.over_provision * args.tasks),  # as RolloutStream rounds it
+            "spare_groups": spare_groups(args.over_provision, args.tasks),
             "stale_groups": args.stale_groups,
             "on_update": args.on_update or "(config default)",
             "extra_overrides": args.override,

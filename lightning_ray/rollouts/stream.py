@@ -105,6 +105,11 @@ def complete_group(entry: dict[str, Any]) -> Group:
     return Group(entry["group_id"], entry["task_id"], records, tables["transitions"], tables["rollouts"])
 
 
+def spare_groups(over_provision: float, tasks_per_step: int) -> int:
+    """The groups K >= 1 keeps in flight beyond the batches' (`trainer.over_provision`), rounded up."""
+    return math.ceil(over_provision * tasks_per_step)
+
+
 class RolloutStream:
     """The driver's side of the pipeline: tops the pool up, takes complete groups, keeps the ledger."""
 
@@ -112,12 +117,12 @@ class RolloutStream:
         self.cfg, self.pool, self.workers, self.ledger = cfg, pool, workers, ledger
         self.batch_size, self.max_staleness = cfg.trainer.tasks_per_step, cfg.trainer.max_staleness
         # Groups beyond the budget would go stale at K = 0 before any step could use them.
-        self.extra = math.ceil(cfg.trainer.over_provision * self.batch_size) if self.max_staleness else 0
+        self.extra = spare_groups(cfg.trainer.over_provision, self.batch_size) if self.max_staleness else 0
         self.first_version = version
         self.serving = version  # the version the replicas serve: new groups start on it (`top_up`)
-        self.floor = version  # no group starts on a version older (`gathering`)
         # `top_up` may run on the weight sync's thread (`OverlappedSync`) while the driver takes a batch
         self.lock = threading.RLock()
+        self.gathering(version)  # `floor`: no group starts on an older version
         self.batch_id = self.call(pool.open_batch.remote(cfg.algorithm.group_size), "open_batch")
         workers.serve(self.batch_id, pool)
         self.started = 0  # groups started, replacements included
