@@ -102,6 +102,15 @@ class InferenceConfig(Section):
     tensor_parallel_size: int = Field(1, gt=0)
     max_model_len: int = Field(2048, gt=0)
     max_num_seqs: int = Field(64, gt=0)
+    scheduling: Literal["fcfs", "oldest_group"] = Field(
+        "fcfs",
+        description="The order in which a replica's engine admits requests that wait (for one of max_num_seqs "
+        "slots, or for room in a step's token budget): 'fcfs' as they arrive; 'oldest_group' by the GRPO group "
+        "of the rollout that sent them, the group queued first first (vLLM's priority scheduling). With "
+        "trainer.over_provision, the spare groups then take only the engine time the older groups leave. A "
+        "running request is not preempted for priority; it binds only while requests wait, so set "
+        "max_num_seqs near trainer.tasks_per_step x algorithm.group_size.",
+    )
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
     block_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(

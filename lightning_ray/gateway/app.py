@@ -159,7 +159,9 @@ async def _respond(state: GatewayState, call: Call, fmt: Formatter, stream: bool
             fmt.body(gen, reply),
             headers={POLICY_VERSION_HEADER: str(gen.policy_version)},
         )
-    deltas = state.engine.stream(call.rollout_id, call.prompt.ids, call.sampling, role=call.role)
+    deltas = state.engine.stream(
+        call.rollout_id, call.prompt.ids, call.sampling, role=call.role, priority=call.priority
+    )
     try:
         first = await anext(deltas)  # engine errors become a status code, not a broken stream
     except StopAsyncIteration:

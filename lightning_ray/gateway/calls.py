@@ -71,6 +71,7 @@ class Call:
     sampling: dict[str, Any]
     call_index: int
     logprobs: bool = False
+    priority: int = 0  # the engine's scheduling priority (the rollout's, `Recorder.open`)
     tools: ToolCallParser | None = None  # set when the request offers tools
     started_at: float = field(default_factory=time.time)
     t0: float = field(default_factory=time.perf_counter)
@@ -209,11 +210,19 @@ def _call(
     role = resolve_role(route_role, req.model, state.served_model)
     sampling = sampling_for(state, req, len(prompt.ids), "messages" if endpoint == "chat" else "prompt")
     try:
-        index = state.recorder.reserve(rollout_id)
+        index, priority = state.recorder.reserve(rollout_id)
     except UnknownRollout:
         raise unknown_rollout(rollout_id) from None
     return Call(
-        rollout_id, role, endpoint, req.model or state.served_model, prompt, sampling, index, logprobs
+        rollout_id,
+        role,
+        endpoint,
+        req.model or state.served_model,
+        prompt,
+        sampling,
+        index,
+        logprobs,
+        priority=priority,
     )
 
 
@@ -279,7 +288,9 @@ def record(state: GatewayState, call: Call, gen: Generation) -> str:
 
 
 async def generate(state: GatewayState, call: Call) -> Generation:
-    res = await state.engine.generate(call.rollout_id, call.prompt.ids, call.sampling, role=call.role)
+    res = await state.engine.generate(
+        call.rollout_id, call.prompt.ids, call.sampling, role=call.role, priority=call.priority
+    )
     if list(res["prompt_ids"]) != call.prompt.ids:
         raise GatewayError(502, "the inference engine reports other prompt ids than the gateway sent")
     return Generation(

@@ -109,23 +109,33 @@ class Engine:
         return info
 
     async def generate(
-        self, rollout_id: str, prompt_ids: list[int], sampling: dict[str, Any], role: str | None = None
+        self,
+        rollout_id: str,
+        prompt_ids: list[int],
+        sampling: dict[str, Any],
+        role: str | None = None,
+        priority: int = 0,
     ) -> dict[str, Any]:
         handle = self.handle_for(role).options(session_id=rollout_id)
         attempt = 1
         while True:
             try:
-                return await handle.generate.remote(prompt_ids, sampling)
+                return await handle.generate.remote(prompt_ids, sampling, priority)
             except Exception as err:
                 retry_or_raise(err, attempt, self.retries, rollout_id)
             attempt += 1
 
     def stream(
-        self, rollout_id: str, prompt_ids: list[int], sampling: dict[str, Any], role: str | None = None
+        self,
+        rollout_id: str,
+        prompt_ids: list[int],
+        sampling: dict[str, Any],
+        role: str | None = None,
+        priority: int = 0,
     ) -> EngineStream:
         handle = self.handle_for(role).options(session_id=rollout_id, stream=True)
         return EngineStream(
-            lambda: handle.generate_stream.remote(prompt_ids, sampling), self.retries, rollout_id
+            lambda: handle.generate_stream.remote(prompt_ids, sampling, priority), self.retries, rollout_id
         )
 
 

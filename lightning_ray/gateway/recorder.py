@@ -25,6 +25,7 @@ class UnknownRollout(KeyError):
 
 @dataclass
 class _Trace:
+    priority: int = 0
     next_index: int = 0
     transitions: list[Transition] = field(default_factory=list)
     # full text -> the first call that ended in it; later calls that end in the same text add nothing to splice on
@@ -37,12 +38,13 @@ class Recorder:
         self._traces: dict[str, _Trace] = {}
         self._lock = threading.Lock()
 
-    def open(self, rollout_id: str) -> None:
+    def open(self, rollout_id: str, priority: int = 0) -> None:
+        """Start a trace; `priority` is what the engine schedules the rollout's calls by (lower first)."""
         check_rollout_id(rollout_id)
         with self._lock:
             if rollout_id in self._traces:
                 raise ValueError(f"rollout {rollout_id!r} is already open")
-            self._traces[rollout_id] = _Trace()
+            self._traces[rollout_id] = _Trace(priority)
 
     def close(self, rollout_id: str) -> list[Transition]:
         """Forget the rollout and return its transitions in call order."""
@@ -66,12 +68,12 @@ class Recorder:
         with self._lock:
             return list(self._get(rollout_id).history.values())
 
-    def reserve(self, rollout_id: str) -> int:
-        """The next call index of the rollout (arrival order)."""
+    def reserve(self, rollout_id: str) -> tuple[int, int]:
+        """The next call index of the rollout (arrival order), and the rollout's priority."""
         with self._lock:
             trace = self._get(rollout_id)
             trace.next_index += 1
-            return trace.next_index - 1
+            return trace.next_index - 1, trace.priority
 
     def record(self, rollout_id: str, transition: Transition, prior: PriorCall | None) -> bool:
         """Store a finished call; False if the rollout was closed meanwhile (the call is then dropped)."""

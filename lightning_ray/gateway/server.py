@@ -76,9 +76,11 @@ class Gateway:
         """The OpenAI base URL of one rollout (and agent role), see `lightning_ray.agent.urls`."""
         return rollout_url(self.url, rollout_id, role)
 
-    def open_rollout(self, rollout_id: str) -> None:
-        """Start recording calls under `rollout_id` (make it unguessable: `secrets.token_urlsafe(16)`)."""
-        self.state.recorder.open(rollout_id)
+    def open_rollout(self, rollout_id: str, priority: int = 0) -> None:
+        """Start recording calls under `rollout_id` (make it unguessable: `secrets.token_urlsafe(16)`). Its
+        calls reach the engine with `priority`, which an engine with `inference.scheduling: oldest_group`
+        schedules by (lower first)."""
+        self.state.recorder.open(rollout_id, priority)
 
     def close_rollout(self, rollout_id: str) -> list[Transition]:
         """Stop accepting calls for the rollout and return its transitions in call order. A call still running

@@ -22,6 +22,7 @@ def engine_settings(model: ModelConfig, inference: InferenceConfig) -> dict[str,
         "tensor_parallel_size": inference.tensor_parallel_size,
         "gpu_memory_utilization": inference.gpu_memory_utilization,
         "enable_prefix_caching": True,
+        "scheduling_policy": "priority" if inference.scheduling == "oldest_group" else None,
         "block_size": inference.engine_block_size(),
         **whole_prompt_steps(inference),
     }

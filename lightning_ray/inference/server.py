@@ -123,11 +123,13 @@ class InferenceServer:
                 f"prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len} (context_length_exceeded)"
             )
 
-    async def generate(self, prompt_ids: list[int], sampling: dict[str, Any]) -> dict[str, Any]:
+    async def generate(
+        self, prompt_ids: list[int], sampling: dict[str, Any], priority: int = 0
+    ) -> dict[str, Any]:
         """Generate one completion; returns ids, per-token log-probs and policy versions, the finish reason,
         and `policy_version`, the version the request started on."""
         out: dict[str, Any] = {"response_ids": [], "response_logprobs": [], "response_versions": []}
-        async for delta in self.generate_stream(prompt_ids, sampling):
+        async for delta in self.generate_stream(prompt_ids, sampling, priority):
             out["response_ids"] += delta["response_ids"]
             out["response_logprobs"] += delta["response_logprobs"]
             out["response_versions"] += [delta["policy_version"]] * len(delta["response_ids"])
@@ -136,9 +138,11 @@ class InferenceServer:
         return {**out, "prompt_ids": list(prompt_ids), "replica": self.replica}
 
     async def generate_stream(
-        self, prompt_ids: list[int], sampling: dict[str, Any]
+        self, prompt_ids: list[int], sampling: dict[str, Any], priority: int = 0
     ) -> AsyncIterator[dict[str, Any]]:
         """Yield deltas of new token ids, their log-probs and the policy version that produced them.
+        `priority` orders the request among those waiting for the engine under `inference.scheduling:
+        oldest_group` (lower first; vLLM's priority scheduling); the engine ignores it under 'fcfs'.
 
         With `inference.on_update: interrupt` a weight update aborts this request; it then waits for the new
         weights and goes on from the tokens it has (they become part of the prompt), so the deltas after an
@@ -155,7 +159,7 @@ class InferenceServer:
                 self._resumable.add(request_id)
             try:
                 async for delta in self._engine_stream(
-                    context, {**sampling, "max_tokens": budget}, request_id
+                    context, {**sampling, "max_tokens": budget}, request_id, priority
                 ):
                     interrupted = request_id in self._interrupted and delta["finish_reason"] == "abort"
                     context += delta["response_ids"]
@@ -179,7 +183,7 @@ class InferenceServer:
                 return
 
     async def _engine_stream(
-        self, context: list[int], sampling: dict[str, Any], request_id: str
+        self, context: list[int], sampling: dict[str, Any], request_id: str, priority: int
     ) -> AsyncIterator[dict[str, Any]]:
         """One engine request's deltas (the request is aborted if the consumer stops early)."""
         from vllm.inputs import TokensPrompt
@@ -189,7 +193,7 @@ class InferenceServer:
         counted = False
         try:
             async for out in self.engine.generate(
-                TokensPrompt(prompt_token_ids=list(context)), params, request_id
+                TokensPrompt(prompt_token_ids=list(context)), params, request_id, priority=priority
             ):
                 if not counted:
                     self.prompt_tokens += len(context)

@@ -71,14 +71,14 @@ class LiveRecorder(Recorder):
         super().__init__()
         self.desk = desk
 
-    def open(self, rollout_id: str) -> None:
-        super().open(rollout_id)
+    def open(self, rollout_id: str, priority: int = 0) -> None:
+        super().open(rollout_id, priority)
         self.desk.opened(rollout_id)
 
-    def reserve(self, rollout_id: str) -> int:
-        index = super().reserve(rollout_id)
+    def reserve(self, rollout_id: str) -> tuple[int, int]:
+        reserved = super().reserve(rollout_id)
         self.desk.calling(rollout_id)
-        return index
+        return reserved
 
     def record(self, rollout_id: str, transition: Transition, prior: Any) -> bool:
         kept = super().record(rollout_id, transition, prior)

@@ -256,7 +256,7 @@ class RolloutWorker:
             sampling=self.cfg.inference.sampling,
             **{"prompts": self.cfg.prompts, **overrides},  # a batch's prompts replace the config's
         )
-        self.gateway.open_rollout(rid)
+        self.gateway.open_rollout(rid, lease.group_order)
         self.open_rollouts.add(rid)
         exception, timed_out, returned = None, False, None
         t0 = time.perf_counter()

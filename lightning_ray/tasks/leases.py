@@ -47,6 +47,7 @@ class RolloutState:
     group_size: int
     index_in_group: int
     task: Task
+    group_order: int = 0
     status: RolloutStatus = RolloutStatus.QUEUED
     attempt: int = 0
     worker_id: str | None = None
@@ -186,6 +187,7 @@ class LeaseQueue(ABC):
                     task_id=r.task.task_id,
                     task=r.task.data,
                     expires_at=time.time() + self.lease_timeout_s,
+                    group_order=r.group_order,
                 )
             )
         return leases

@@ -72,6 +72,7 @@ class TaskPool(LeaseQueue):
         self._batches_started = 0
         self._batches_done = 0
         self._groups_done = 0
+        self._groups_queued = 0  # every group gets the next number: its `Lease.group_order`
 
     # ---- dataset position ------------------------------------------------------------------------------
 
@@ -152,8 +153,9 @@ class TaskPool(LeaseQueue):
         group = _Group(group_id, task.task_id, [new_id() for _ in indices], len(indices))
         batch.groups[group_id] = group
         batch.remaining += len(indices)
+        order, self._groups_queued = self._groups_queued, self._groups_queued + 1
         for rid, i in zip(group.rollout_ids, indices, strict=True):
-            self._add(RolloutState(rid, batch.batch_id, group_id, batch.group_size, i, task))
+            self._add(RolloutState(rid, batch.batch_id, group_id, batch.group_size, i, task, order))
         return group_id
 
     def _batch(self, batch_id: str) -> _Batch:

@@ -41,6 +41,7 @@ class Lease:
     task_id: str
     task: dict[str, Any]
     expires_at: float
+    group_order: int = 0  # the group's place in the order its pool queued groups: its calls' engine priority
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,24 @@ def test_batches_are_groups_of_g_with_unguessable_ids():
     assert pool.start_batch(1, group_size=1) != batch and pool.stats()["rollouts"] == 13
 
 
+def test_group_order_numbers_groups_as_queued_across_batches_and_retries():
+    """`Lease.group_order`, the engine priority of a rollout's calls, is its group's place in the order the pool
+    queued groups: one number for every rollout of a group, its attempts again included."""
+    pool = TaskPool(tasks(5), group_size=2, shuffle=False, max_attempts=2)
+    stream = pool.open_batch()
+    pool.add_groups(stream, 2)
+    pool.start_batch(1)
+    pool.add_groups(stream, 1)
+    leases = pool.lease("w1", 100)
+    order = {x.group_id: x.group_order for x in leases}
+    assert sorted(order.values()) == [0, 1, 2, 3] and len(leases) == 8
+    assert all(x.group_order == order[x.group_id] for x in leases)
+    first = leases[0]
+    pool.complete(first.rollout_id, first.attempt, "failed", kind="llm_error", retry=True)
+    (again,) = pool.lease("w1", 100)
+    assert (again.rollout_id, again.attempt, again.group_order) == (first.rollout_id, 2, first.group_order)
+
+
 def test_complete_is_idempotent_and_ignores_stale_attempts():
     pool = TaskPool(tasks(1), group_size=1, max_attempts=3, lease_timeout_s=10)
     batch = pool.start_batch(1)

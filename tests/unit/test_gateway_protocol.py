@@ -173,10 +173,11 @@ def transition(index: int) -> Transition:
 
 def test_recorder_orders_calls_and_forgets_closed_rollouts():
     rec = Recorder()
-    rec.open("r1")
+    rec.open("r1", priority=3)
     with pytest.raises(ValueError, match="already open"):
         rec.open("r1")
-    first, second = rec.reserve("r1"), rec.reserve("r1")
+    (first, priority), (second, _) = rec.reserve("r1"), rec.reserve("r1")
+    assert priority == 3  # the rollout's, on each of its calls
     assert rec.record("r1", transition(second), None)
     assert rec.record("r1", transition(first), None)
     assert [t.call_index for t in rec.transitions("r1")] == [0, 1]
