@@ -1,9 +1,9 @@
 """What `auto` precision saves on this CPU: bfloat16 against float32, on a matmul and on SmolLM2-135M's forward and
 backward pass (the learner's work), in one process with the learner's 2 torch threads.
 
-    flock /tmp/lr-heavy.lock python -m benchmarks.precision_auto [--tokens 256]
+    flock /tmp/lr-heavy.lock python -m benchmarks.precision_auto [--tokens 256] [--out results/precision_auto_x.json]
 
-Prints and writes benchmarks/results/precision_auto.json: the CPU's model name and vector extensions, what `auto`
+Prints and writes benchmarks/results/precision_auto.json (or `--out`): the CPU's model name and vector extensions, what `auto`
 resolves to here (`lightning_ray.precision`), seconds per pass in each dtype (median of 3 after a warm-up) and
 `bf16_over_fp32`, with the 1-minute load average before and after.
 """
@@ -51,6 +51,7 @@ def cpu_info() -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=256, help="sequence length of the model pass")
+    parser.add_argument("--out", type=Path, default=RESULT, help="result JSON")
     args = parser.parse_args()
     torch.set_num_threads(2)
     load_before = os.getloadavg()[0]
@@ -58,7 +59,7 @@ def main() -> None:
     ids = torch.randint(0, 49152, (1, args.tokens))
     out: dict[str, object] = {"benchmark": "precision_auto", "date": time.strftime("%Y-%m-%d %H:%M")}
     out.update(cpu=cpu_info(), native_bfloat16=native_bfloat16(), auto=resolve_precision("auto"))
-    out["command"] = f"python -m benchmarks.precision_auto --tokens {args.tokens}"
+    out["command"] = f"python -m benchmarks.precision_auto --tokens {args.tokens} --out {args.out}"
     for name, dtype in DTYPES.items():
         a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -73,7 +74,7 @@ def main() -> None:
     out["bf16_over_fp32"] = {k: round(bf16[k] / fp32[k], 1) for k in fp32}
     out["load_avg_1m"] = {"before": load_before, "after": os.getloadavg()[0]}
     print(json.dumps(out, indent=1))
-    RESULT.write_text(json.dumps(out, indent=1) + "\n")
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":
