@@ -30,6 +30,9 @@ step N saves the final checkpoint; with N < 4, steps 2..N):
 * busy fractions of inference, agents, learner and sync (`time/{inference,agents,learner,sync}_busy_frac`,
   weighted by step time) when the loop logs them, "n/a" otherwise; mean `time/{rollout,learner,broadcast}_s`;
   staleness (`staleness/mean`, `staleness/max`) and the `ledger/*` counts (dropped, failed) over the window.
+* how full the machine was (`machine_cpu_busy_frac`: busy / all CPU time of the whole box between the window's
+  step lines) and the CPU a trained sample cost (`core_s_per_sample`): a mode that fills the box can go no
+  faster than 1 / its core-seconds per sample times the cores.
 * the waits the agent actually drew (from `LR_BENCH_TOOL_LOG`), over every rollout the run started.
 
 The result (`benchmarks/results/async_pipeline.json`, `async_pipeline_smoke.json` with `--smoke`) holds the
@@ -55,6 +58,7 @@ from typing import Any
 
 from benchmarks.async_pipeline_report import (
     fmt,
+    machine_cpu,
     measure,
     phase_estimates,
     ratio,
@@ -166,6 +170,7 @@ def run_mode(args: argparse.Namespace, k: int, run_root: Path, extra: list[str])
     load_before = os.getloadavg()[0]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", **env_vars)
     step_at: dict[int, float] = {}
+    cpu_at: dict[int, tuple[float, float]] = {}
     t_launch = time.monotonic()
     timed_out = False
     with (mode_dir / "train.log").open("w") as log:
@@ -182,6 +187,7 @@ def run_mode(args: argparse.Namespace, k: int, run_root: Path, extra: list[str])
                 log.write(line)
                 if m := STEP_LINE.search(line):
                     step_at[int(m.group(1))] = now - t_launch
+                    cpu_at[int(m.group(1))] = machine_cpu()
 
         # A reader thread, so that a process the run left holding the pipe cannot keep this script waiting.
         reader = threading.Thread(target=pump, daemon=True)
@@ -205,7 +211,7 @@ def run_mode(args: argparse.Namespace, k: int, run_root: Path, extra: list[str])
         result["error"] = f"no run directory under {run_root / f'k{k}'} (exit code {rc})"
         return result
     result["run_dir"] = str(run_dirs[-1])
-    result.update(measure(run_dirs[-1], step_at, args.steps))
+    result.update(measure(run_dirs[-1], step_at, args.steps, cpu_at))
     waits = read_waits(waits_log)
     result["tool_waits"] = waits
     if not waits.get("rollouts"):

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from benchmarks.slow_tool_agent import summarize_waits
 from lightning_ray.monitor.run_log import read_metrics
 
@@ -17,6 +19,14 @@ TIMES = ("rollout_s", "learner_s", "broadcast_s", "step_s")
 def window_of(steps: int) -> tuple[int, int]:
     """The measured steps: 2..N-1 (step 1 warms up and fills the pipeline, step N saves the checkpoint)."""
     return (2, steps - 1) if steps >= 4 else (min(2, steps), steps)
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, all) CPU seconds of the whole machine since boot, summed over its cores: between two step lines,
+    busy / all is how full the box was, whoever used it (the lock keeps other heavy jobs off it)."""
+    t = psutil.cpu_times()
+    idle = t.idle + getattr(t, "iowait", 0.0)
+    return sum(t) - idle, sum(t)
 
 
 def trained_rollouts(row: dict[str, Any]) -> tuple[int | None, str]:
@@ -35,8 +45,11 @@ def weighted(rows: list[dict[str, Any]], key: str, weights: list[float]) -> floa
     return round(sum(v * w for v, w in pairs) / sum(w for _, w in pairs), 3)
 
 
-def measure(run_dir: Path, step_at: dict[int, float], steps: int) -> dict[str, Any]:
-    """Per-step rows and the window's throughput from the run's metrics.jsonl and the step-line timestamps."""
+def measure(
+    run_dir: Path, step_at: dict[int, float], steps: int, cpu_at: dict[int, tuple[float, float]] | None = None
+) -> dict[str, Any]:
+    """Per-step rows and the window's throughput from the run's metrics.jsonl and the step-line timestamps
+    (and `machine_cpu()` at each step line, when given)."""
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] >= 1]
     per_step = []
     for r in rows:
@@ -101,6 +114,12 @@ def measure(run_dir: Path, step_at: dict[int, float], steps: int) -> dict[str, A
         "prompt_tokens_computed_per_step": _mean([p["prompt_tokens_computed"] for p in win]),
         "prefix_cache_hit_frac": _mean([p["prefix_cache_hit_frac"] for p in win]),
     }
+    if cpu_at and first - 1 in cpu_at and last in cpu_at:
+        busy, total = (b - a for a, b in zip(cpu_at[first - 1], cpu_at[last], strict=True))
+        # How full the machine was, and the CPU one trained sample cost: a mode that keeps the box full can go
+        # no faster than its core-seconds per sample allow.
+        out["window"]["machine_cpu_busy_frac"] = round(busy / total, 3) if total > 0 else None
+        out["window"]["core_s_per_sample"] = round(busy / samples, 3) if samples else None
     return out
 
 
@@ -159,7 +178,7 @@ def table(modes: dict[str, dict[str, Any]], base: float | None) -> str:
         f"{'mode':<5} {'steps':>6} {'s/step':>7} {'samples/s':>9} {'x K=0':>6} {'tok/s':>6} {'rollout':>8} "
         f"{'learner':>8} "
         f"{'sync':>6} {'infer busy':>10} {'agents busy':>11} {'learner busy':>12} {'stale':>9} "
-        f"{'start-up':>8}"
+        f"{'start-up':>8} {'cpu busy':>8} {'core-s/sample':>13}"
     )
     lines = [head, "-" * len(head)]
     for name, m in modes.items():
@@ -176,6 +195,7 @@ def table(modes: dict[str, dict[str, Any]], base: float | None) -> str:
             f"{fmt(w['mean_rollout_s'], '.1f'):>8} "
             f"{fmt(w['mean_learner_s'], '.1f'):>8} {fmt(w['mean_broadcast_s'], '.2f'):>6} "
             f"{fmt(w['inference_busy_frac']):>10} {fmt(w['agents_busy_frac']):>11} "
-            f"{fmt(w['learner_busy_frac']):>12} {stale:>9} {fmt(m.get('startup_s'), '.0f'):>8}"
+            f"{fmt(w['learner_busy_frac']):>12} {stale:>9} {fmt(m.get('startup_s'), '.0f'):>8} "
+            f"{fmt(w.get('machine_cpu_busy_frac')):>8} {fmt(w.get('core_s_per_sample')):>13}"
         )
     return "\n".join(lines)
