@@ -25,6 +25,8 @@ CPU per call (other users' load does not enter it): `driver` is this process (cl
 handle), `engine` the Ray processes this run started (vLLM, its replica, Serve), for (d) vLLM's server and its
 engine. A last phase sends the concurrent calls through a gateway on a thread of its own, whose CPU clock is
 the gateway's own CPU per call (HTTP server, routing, render, record, its side of the handle call).
+`cpu_breakdown` splits the gateway path's extra CPU per call into the client floor's (client and HTTP hop) and
+the gateway's own beyond it, each also as a share of the direct call's CPU.
 """
 
 from __future__ import annotations
@@ -42,30 +44,13 @@ from pathlib import Path
 
 import psutil
 
+from benchmarks.gateway_overhead_stats import cpu_breakdown, overhead, stats_ms
 from benchmarks.vllm_openai_server import start_vllm_openai, stop_vllm_openai
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 QUESTION = "What is the capital of France?"
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
-
-
-def stats_ms(latencies: list[float]) -> dict[str, float]:
-    ms = [x * 1000 for x in latencies]
-    return {
-        "p50_ms": round(statistics.median(ms), 2),
-        "p99_ms": round(percentile(ms, 99), 2),
-        "mean_ms": round(statistics.fmean(ms), 2),
-        "min_ms": round(min(ms), 2),
-        "max_ms": round(max(ms), 2),
-    }
 
 
 def load_avg() -> float:
@@ -81,15 +66,6 @@ def cpu_seconds(engine: list) -> tuple[float, float]:
             times = proc.cpu_times()
             total += times.user + times.system
     return time.process_time(), total
-
-
-def overhead(direct: dict[str, float], gateway: dict[str, float]) -> dict[str, float]:
-    return {
-        "p50_diff_ms": round(gateway["p50_ms"] - direct["p50_ms"], 2),
-        "p99_diff_ms": round(gateway["p99_ms"] - direct["p99_ms"], 2),
-        "p50_ratio": round(gateway["p50_ms"] / direct["p50_ms"], 3),
-        "p99_ratio": round(gateway["p99_ms"] / direct["p99_ms"], 3),
-    }
 
 
 async def start_floor_server(gw, rollout_id: str, messages: list, max_tokens: int):
@@ -294,6 +270,11 @@ async def bench(args: argparse.Namespace, handle, cfg, peer: psutil.Process, pee
 
     conc_calls = len(conc["direct"][0])
     thread_calls = total // 2
+    cpu_ms = {
+        k: {"driver": ms_per_call(d, conc_calls), "engine": ms_per_call(e, conc_calls)}
+        for k, (d, e) in cpu.items()
+    }
+    floor_ms = ms_per_call(floor_cpu, len(floor_res))
     sequential = section({k: seq[k] for k in ("direct", "gateway", "vllm_openai")})
     sequential["client_floor"] = floor(seq["client_floor"], seq_cpu.pop("client_floor"))
     sequential["overhead"]["p50_beyond_client_floor_ms"] = round(
@@ -311,10 +292,8 @@ async def bench(args: argparse.Namespace, handle, cfg, peer: psutil.Process, pee
         },
         f"concurrent_{n_clients}": {
             **section({k: v[0] for k, v in conc.items()}, walls={k: v[1] for k, v in conc.items()}),
-            "cpu_ms_per_call": {
-                k: {"driver": ms_per_call(d, conc_calls), "engine": ms_per_call(e, conc_calls)}
-                for k, (d, e) in cpu.items()
-            },
+            "cpu_ms_per_call": cpu_ms,
+            "cpu_breakdown": cpu_breakdown(cpu_ms, floor_ms),
             "gateway_thread": {
                 "calls": thread_calls,
                 "gateway_own_cpu_ms_per_call": ms_per_call(own_s, thread_calls),
@@ -341,6 +320,9 @@ def main() -> None:
         "--engine-threads",
         help="inference.engine_threads of the engine and the peer (the config's `auto`: every core, which the "
         "caller's client and gateway then take from the engine; 1 on 2 cores leaves the caller a core of its own)",
+    )
+    parser.add_argument(
+        "--out", help="result file (default: results/gateway_overhead[_<model>][_tokens<N>].json)"
     )
     args = parser.parse_args()
 
@@ -402,13 +384,13 @@ def main() -> None:
         "load_avg_1m_before_after": [load_before, load_avg()],
         "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()) + " UTC",
         "command": "python -m benchmarks.gateway_overhead "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
     }
     print(json.dumps(result, indent=2))
     suffix = "" if args.model == "tiny" else "_" + args.model.removeprefix("builtin:").replace("/", "_")
     suffix += "" if args.tokens == 16 else f"_tokens{args.tokens}"
     suffix += f"_threads{args.engine_threads}" if args.engine_threads else ""
-    out = Path(__file__).parent / "results" / f"gateway_overhead{suffix}.json"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"gateway_overhead{suffix}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
