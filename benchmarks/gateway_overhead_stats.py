@@ -36,8 +36,9 @@ def overhead(direct: dict[str, float], gateway: dict[str, float]) -> dict[str, f
 def cpu_breakdown(cpu_ms: dict[str, dict[str, float]], floor_ms: float) -> dict[str, float]:
     """Where the CPU the gateway path spends beyond the direct call goes, per call and as a share of the direct
     call's own CPU (caller and engine): the OpenAI client with an HTTP hop that answers at once (the client
-    floor, which any OpenAI-compatible server costs its caller), and the gateway's own work beyond that. On a
-    box whose cores the caller shares with the engine, throughput falls by about the extra share."""
+    floor, which any OpenAI-compatible server costs its caller), the gateway's own work beyond that, and the
+    engine's extra (the same calls, arriving later each, share fewer engine steps). On a box whose cores the
+    caller shares with the engine, throughput falls by about the extra share."""
     direct = cpu_ms["direct"]["driver"] + cpu_ms["direct"]["engine"]
     extra = cpu_ms["gateway"]["driver"] + cpu_ms["gateway"]["engine"] - direct
     own = cpu_ms["gateway"]["driver"] - cpu_ms["direct"]["driver"] - floor_ms
@@ -46,6 +47,7 @@ def cpu_breakdown(cpu_ms: dict[str, dict[str, float]], floor_ms: float) -> dict[
         "gateway_path_extra_ms": round(extra, 3),
         "client_and_http_floor_ms": floor_ms,
         "gateway_own_ms": round(own, 3),
+        "engine_extra_ms": round(cpu_ms["gateway"]["engine"] - cpu_ms["direct"]["engine"], 3),
         "client_and_http_floor_share": round(floor_ms / direct, 3),
         "gateway_own_share": round(own / direct, 3),
     }
