@@ -57,13 +57,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.async_pipeline_report import (
-    fmt,
     machine_cpu,
     measure,
     phase_estimates,
+    print_summary,
     ratio,
     read_waits,
-    table,
     window_of,
 )
 from benchmarks.slow_tool_agent import ToolLatency, summarize_waits
@@ -397,20 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"\n{table(modes, base)}")
-    for n, m in modes.items():
-        w = m.get("tool_waits", {})
-        print(
-            f"{n}: {w.get('rollouts', 0)} rollouts started, {fmt(w.get('waits_per_rollout'))} waits and "
-            f"{fmt(w.get('wait_s_per_rollout'))} s waited per rollout, drawn {w.get('waits', {})}"
-            + (f"  WARNING: {m['warning']}" if m.get("warning") else "")
-        )
-    print(", ".join(f"samples/s {k}: {fmt(v, '.3f')}" for k, v in ratios.items()))
-    print(", ".join(f"learner tokens/s {k}: {fmt(v, '.3f')}" for k, v in token_ratios.items()))
-    if estimates:
-        shown = ", ".join(f"{k}: {fmt(v, '.3f')}" for k, v in estimates.items())
-        print(f"expected from the phases (K >= 1 waiting as long for its groups as K = 0): {shown}")
-    print(f"target {TARGET['ratio']} >= {TARGET['min']}: {result['target']['met']}")
+    print_summary(modes, base, result, estimates)
     print(f"load average (1 min) before/after: {result['loadavg_1m_before_after']}; wrote {args.out}")
     return 0 if all("error" not in m for m in modes.values()) else 1
 

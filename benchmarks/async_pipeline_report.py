@@ -199,3 +199,28 @@ def table(modes: dict[str, dict[str, Any]], base: float | None) -> str:
             f"{fmt(w.get('machine_cpu_busy_frac')):>8} {fmt(w.get('core_s_per_sample')):>13}"
         )
     return "\n".join(lines)
+
+
+def print_summary(
+    modes: dict[str, dict[str, Any]], base: float | None, result: dict[str, Any], estimates: dict[str, Any]
+) -> None:
+    """The table, the waits each mode's agent drew, the ratios and the target, as the run ends."""
+    print(f"\n{table(modes, base)}")
+    for n, m in modes.items():
+        w = m.get("tool_waits", {})
+        print(
+            f"{n}: {w.get('rollouts', 0)} rollouts started, {fmt(w.get('waits_per_rollout'))} waits and "
+            f"{fmt(w.get('wait_s_per_rollout'))} s waited per rollout, drawn {w.get('waits', {})}"
+            + (f"  WARNING: {m['warning']}" if m.get("warning") else "")
+        )
+    print(", ".join(f"samples/s {k}: {fmt(v, '.3f')}" for k, v in result["ratios_samples_per_s"].items()))
+    print(
+        ", ".join(
+            f"learner tokens/s {k}: {fmt(v, '.3f')}" for k, v in result["ratios_learner_tokens_per_s"].items()
+        )
+    )
+    if estimates:
+        shown = ", ".join(f"{k}: {fmt(v, '.3f')}" for k, v in estimates.items())
+        print(f"expected from the phases (K >= 1 waiting as long for its groups as K = 0): {shown}")
+    target = result["target"]
+    print(f"target {target['ratio']} >= {target['min']}: {target['met']}")
