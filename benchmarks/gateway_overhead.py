@@ -25,8 +25,8 @@ CPU per call (other users' load does not enter it): `driver` is this process (cl
 handle), `engine` the Ray processes this run started (vLLM, its replica, Serve), for (d) vLLM's server and its
 engine. A last phase sends the concurrent calls through a gateway on a thread of its own, whose CPU clock is
 the gateway's own CPU per call (HTTP server, routing, render, record, its side of the handle call).
-`cpu_breakdown` splits the gateway path's extra CPU per call into the client floor's (client and HTTP hop) and
-the gateway's own beyond it, each also as a share of the direct call's CPU.
+`cpu_breakdown` splits the gateway path's extra CPU per call into the client floor's (client and HTTP hop), the
+gateway's own beyond it and the engine's extra, the first two also as shares of the direct call's CPU.
 """
 
 from __future__ import annotations
