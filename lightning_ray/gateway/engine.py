@@ -28,6 +28,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from lightning_ray.config import InferenceConfig
 from lightning_ray.faults import first_line
 from lightning_ray.gateway.protocol import GatewayError
+from lightning_ray.inference.replicas import own_loop
 from lightning_ray.inference.server import APP_NAME, FROZEN_APP_NAME, inference_handle
 from lightning_ray.monitor.errors import REPLICA_LOST_CODE
 from lightning_ray.weights.recovery import replica_lost
@@ -61,8 +62,9 @@ def _first_line(err: BaseException) -> str:
 
 
 def over_grpc(handle: Any) -> Any:
-    """`handle`, calling its replicas over Serve's gRPC channel instead of as actor calls."""
-    return handle.options(_by_reference=False)
+    """`handle`, calling its replicas over Serve's gRPC channel instead of as actor calls, from a router on a
+    loop of its own (`own_loop`: a handle that came through Ray arrives not yet initialized)."""
+    return own_loop(handle).options(_by_reference=False)
 
 
 class Engine:

@@ -45,3 +45,14 @@ def replica_counts(app_name: str) -> dict[str, int]:
         return {"running": 0, "target": 0}
     running = sum(1 for r in details.replicas if r.state.value in ROUTED)
     return {"running": running, "target": details.target_num_replicas}
+
+
+def own_loop(handle: Any) -> Any:
+    """`handle`, its router on an event loop of its own (Ray Serve's default). The driver calls the replicas
+    from plain code (`.remote().result()`, `broadcast`), which a handle whose router runs in the caller's event
+    loop refuses outside one ("No event loop running"); Ray Serve's throughput mode
+    (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`, which its KubeRay high-throughput guide sets cluster-wide) makes that
+    the default. A handle chooses once, before its first call; one already in use is returned as it is."""
+    if not handle.is_initialized:
+        handle._init(_run_router_in_separate_loop=True)
+    return handle

@@ -22,6 +22,7 @@ from ray.serve.config import RequestRouterConfig
 from lightning_ray.config import InferenceConfig, ModelConfig
 from lightning_ray.inference.cpu_env import apply_cpu_preload, engine_env, executor_backend, preload_report
 from lightning_ray.inference.engine_args import engine_settings
+from lightning_ray.inference.replicas import own_loop
 from lightning_ray.inference.sampling import sampling_params
 from lightning_ray.monitor.busy import BusyTime
 from lightning_ray.weights import object_store, registry
@@ -383,8 +384,8 @@ def deploy_inference(
     `app_name`; blocks until every replica is healthy."""
     serve.start(http_options={"location": "NoServer"})
     registry.reset(app_name)
-    return serve.run(inference_app(model_dir, model, inference), name=app_name, route_prefix=None)
+    return own_loop(serve.run(inference_app(model_dir, model, inference), name=app_name, route_prefix=None))
 
 
 def inference_handle(app_name: str = APP_NAME) -> serve.handle.DeploymentHandle:
-    return serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name)
+    return own_loop(serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name))
