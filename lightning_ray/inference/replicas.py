@@ -52,7 +52,9 @@ def own_loop(handle: Any) -> Any:
     from plain code (`.remote().result()`, `broadcast`), which a handle whose router runs in the caller's event
     loop refuses outside one ("No event loop running"); Ray Serve's throughput mode
     (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`, which its KubeRay high-throughput guide sets cluster-wide) makes that
-    the default. A handle chooses once, before its first call; one already in use is returned as it is."""
+    the default. A handle chooses once, before its first call, and only through Serve's private `_init`
+    (`tests/integration/test_serve_throughput_mode.py` fails if a Ray upgrade changes it); one already in use
+    is returned as it is."""
     if not handle.is_initialized:
         handle._init(_run_router_in_separate_loop=True)
     return handle
