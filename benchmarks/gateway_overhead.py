@@ -274,7 +274,7 @@ async def bench(args: argparse.Namespace, handle, cfg, peer: psutil.Process, pee
         k: {"driver": ms_per_call(d, conc_calls), "engine": ms_per_call(e, conc_calls)}
         for k, (d, e) in cpu.items()
     }
-    floor_ms = ms_per_call(floor_cpu, len(floor_res))
+    conc_floor = floor(floor_res, floor_cpu, floor_wall)
     sequential = section({k: seq[k] for k in ("direct", "gateway", "vllm_openai")})
     sequential["client_floor"] = floor(seq["client_floor"], seq_cpu.pop("client_floor"))
     sequential["overhead"]["p50_beyond_client_floor_ms"] = round(
@@ -293,14 +293,14 @@ async def bench(args: argparse.Namespace, handle, cfg, peer: psutil.Process, pee
         f"concurrent_{n_clients}": {
             **section({k: v[0] for k, v in conc.items()}, walls={k: v[1] for k, v in conc.items()}),
             "cpu_ms_per_call": cpu_ms,
-            "cpu_breakdown": cpu_breakdown(cpu_ms, floor_ms),
+            "cpu_breakdown": cpu_breakdown(cpu_ms, conc_floor["driver_cpu_ms_per_call"]),
             "gateway_thread": {
                 "calls": thread_calls,
                 "gateway_own_cpu_ms_per_call": ms_per_call(own_s, thread_calls),
                 "driver_cpu_ms_per_call": ms_per_call(after[0] - before[0], thread_calls),
                 "engine_cpu_ms_per_call": ms_per_call(after[1] - before[1], thread_calls),
             },
-            "client_floor": floor(floor_res, floor_cpu, floor_wall),
+            "client_floor": conc_floor,
             "load_avg_1m_at_end": conc_load,
         },
     }
